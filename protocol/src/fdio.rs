@@ -1,0 +1,120 @@
+//! SCM_RIGHTS file-descriptor passing on AF_UNIX stream sockets.
+//!
+//! One `recvmsg` never crosses a message boundary in our readers (they ask for exactly the bytes
+//! of the header, then of the payload), so every fd received belongs to the message being read.
+//! Received fds are created close-on-exec. A message that carried more fds than our buffer holds
+//! is reported as [`FdIoError::TooManyFds`]: the kernel has already closed the excess, so the
+//! message cannot be served faithfully.
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::sys::socket::{self, ControlMessage, ControlMessageOwned, MsgFlags};
+
+/// Hard ceiling on fds accepted in one message, whatever was negotiated.
+pub const MAX_FDS_PER_MESSAGE: usize = 1024;
+
+/// Why a send or receive failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FdIoError {
+    #[error("the socket operation failed")]
+    Socket(#[source] io::Error),
+    #[error("the peer attached more file descriptors than the {0} allowed")]
+    TooManyFds(usize),
+}
+
+impl FdIoError {
+    /// The errno that describes this failure.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            FdIoError::Socket(e) => e.raw_os_error(),
+            FdIoError::TooManyFds(_) => Some(libc_einval()),
+        }
+    }
+}
+
+fn libc_einval() -> i32 {
+    nix::errno::Errno::EINVAL as i32
+}
+
+/// Receives up to `buf.len()` bytes and appends any fds that came with them to `fds`.
+///
+/// Returns 0 at end of stream. `WouldBlock` is passed through for non-blocking sockets.
+pub fn recv_with_fds(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+    max_fds: usize,
+) -> Result<usize, FdIoError> {
+    let max_fds = max_fds.clamp(1, MAX_FDS_PER_MESSAGE);
+    let mut cmsg = vec![0u8; nix::sys::socket::cmsg_space::<RawFd>() * max_fds + 64];
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = socket::recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(|e| FdIoError::Socket(io::Error::from(e)))?;
+    let bytes = msg.bytes;
+    let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+    let mut received = 0usize;
+    for c in msg
+        .cmsgs()
+        .map_err(|e| FdIoError::Socket(io::Error::from(e)))?
+    {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            for fd in raw {
+                // SAFETY: the kernel just installed `fd` in our table for this SCM_RIGHTS message;
+                // nothing else refers to it, so taking sole ownership is sound.
+                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                received += 1;
+            }
+        }
+    }
+    if truncated || received > max_fds {
+        fds.clear();
+        return Err(FdIoError::TooManyFds(max_fds));
+    }
+    Ok(bytes)
+}
+
+/// Sends as much of `bufs` as the socket takes in one call, with `fds` attached to it.
+///
+/// Callers loop on partial writes and pass the fds only on the first call.
+pub fn send_with_fds(
+    sock: BorrowedFd<'_>,
+    bufs: &[IoSlice<'_>],
+    fds: &[BorrowedFd<'_>],
+) -> Result<usize, FdIoError> {
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsgs = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsgs };
+    socket::sendmsg::<()>(sock.as_raw_fd(), bufs, cmsgs, MsgFlags::MSG_NOSIGNAL, None)
+        .map_err(|e| FdIoError::Socket(io::Error::from(e)))
+}
+
+/// Blocking helper: sends all of `bytes`, with `fds` attached to the first chunk.
+pub fn send_all_blocking(
+    sock: BorrowedFd<'_>,
+    bytes: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> Result<(), FdIoError> {
+    let mut sent = 0;
+    let mut first = true;
+    while sent < bytes.len() || (first && !fds.is_empty()) {
+        let attach = if first { fds } else { &[] };
+        match send_with_fds(sock, &[IoSlice::new(&bytes[sent..])], attach) {
+            Ok(0) => {
+                return Err(FdIoError::Socket(io::Error::from(io::ErrorKind::WriteZero)));
+            }
+            Ok(n) => {
+                sent += n;
+                first = false;
+            }
+            Err(FdIoError::Socket(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
