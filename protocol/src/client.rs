@@ -41,7 +41,7 @@ pub enum ClientError {
     Timeout,
     #[error("the server's byte stream cannot be framed")]
     Frame(#[from] FrameError),
-    #[error("the server sent a message larger than the negotiated maximum")]
+    #[error("the server sent a message beyond the negotiated size or fd limits")]
     Oversized,
     #[error("{command} failed on the server: {errno}")]
     Server { command: Command, errno: Errno },
@@ -239,7 +239,12 @@ impl Client {
             let max_fds = self.decoder.limits().max_fds.max(1);
             let buf = self.decoder.read_buf();
             let n = match fdio::recv_with_fds(self.sock.as_fd(), buf, &mut fds, max_fds) {
-                Ok(n) => n,
+                Ok(r) => {
+                    if r.fds_truncated {
+                        self.decoder.reject_fds();
+                    }
+                    r.bytes
+                }
                 Err(FdIoError::Socket(e))
                     if matches!(
                         e.kind(),
@@ -264,7 +269,7 @@ impl Client {
             match self.decoder.advance(n, fds)? {
                 Decoded::Pending => {}
                 Decoded::Frame(f) => return Ok(f),
-                Decoded::Oversized(_) => return Err(ClientError::Oversized),
+                Decoded::Rejected(..) => return Err(ClientError::Oversized),
             }
         }
     }

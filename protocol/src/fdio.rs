@@ -3,8 +3,9 @@
 //! One `recvmsg` never crosses a message boundary in our readers (they ask for exactly the bytes
 //! of the header, then of the payload), so every fd received belongs to the message being read.
 //! Received fds are created close-on-exec. A message that carried more fds than our buffer holds
-//! is reported as [`FdIoError::TooManyFds`]: the kernel has already closed the excess, so the
-//! message cannot be served faithfully.
+//! is reported through [`Received::fds_truncated`]: the kernel has already closed the excess,
+//! so the message cannot be served faithfully, but its bytes were consumed and the stream stays
+//! in sync; the reader rejects that one message.
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -19,22 +20,15 @@ pub const MAX_FDS_PER_MESSAGE: usize = 1024;
 pub enum FdIoError {
     #[error("the socket operation failed")]
     Socket(#[source] io::Error),
-    #[error("the peer attached more file descriptors than the {0} allowed")]
-    TooManyFds(usize),
 }
 
-impl FdIoError {
-    /// The errno that describes this failure.
-    pub fn raw_os_error(&self) -> Option<i32> {
-        match self {
-            FdIoError::Socket(e) => e.raw_os_error(),
-            FdIoError::TooManyFds(_) => Some(libc_einval()),
-        }
-    }
-}
-
-fn libc_einval() -> i32 {
-    nix::errno::Errno::EINVAL as i32
+/// The outcome of one successful `recvmsg`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    /// Bytes read; 0 means end of stream.
+    pub bytes: usize,
+    /// The peer attached more fds than allowed; the excess was discarded by the kernel.
+    pub fds_truncated: bool,
 }
 
 /// Receives up to `buf.len()` bytes and appends any fds that came with them to `fds`.
@@ -45,7 +39,7 @@ pub fn recv_with_fds(
     buf: &mut [u8],
     fds: &mut Vec<OwnedFd>,
     max_fds: usize,
-) -> Result<usize, FdIoError> {
+) -> Result<Received, FdIoError> {
     let max_fds = max_fds.clamp(1, MAX_FDS_PER_MESSAGE);
     let mut cmsg = vec![0u8; nix::sys::socket::cmsg_space::<RawFd>() * max_fds + 64];
     let mut iov = [IoSliceMut::new(buf)];
@@ -72,11 +66,14 @@ pub fn recv_with_fds(
             }
         }
     }
-    if truncated || received > max_fds {
+    let fds_truncated = truncated || received > max_fds;
+    if fds_truncated {
         fds.clear();
-        return Err(FdIoError::TooManyFds(max_fds));
     }
-    Ok(bytes)
+    Ok(Received {
+        bytes,
+        fds_truncated,
+    })
 }
 
 /// Sends as much of `bufs` as the socket takes in one call, with `fds` attached to it.

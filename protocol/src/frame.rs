@@ -112,9 +112,28 @@ pub enum Decoded {
     Pending,
     /// A complete message.
     Frame(Frame),
-    /// A message whose size exceeded the limit; its payload was read and thrown away so the
-    /// stream stays in sync, and any fds it carried were closed. The caller replies E2BIG.
-    Oversized(Header),
+    /// A message that cannot be served; its payload was read and thrown away so the stream
+    /// stays in sync, and any fds it carried were closed. The caller sends an error reply.
+    Rejected(Header, Rejection),
+}
+
+/// Why a complete message was rejected while framing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// Its size exceeds the negotiated maximum (E2BIG).
+    TooLarge,
+    /// It carried more fds than the negotiated maximum (EINVAL).
+    TooManyFds,
+}
+
+impl Rejection {
+    /// The errno for the error reply.
+    pub fn errno(self) -> nix::errno::Errno {
+        match self {
+            Rejection::TooLarge => nix::errno::Errno::E2BIG,
+            Rejection::TooManyFds => nix::errno::Errno::EINVAL,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -141,6 +160,7 @@ pub struct FrameDecoder {
     state: State,
     fds: Vec<OwnedFd>,
     scratch: Vec<u8>,
+    rejected: Option<Rejection>,
 }
 
 impl FrameDecoder {
@@ -153,6 +173,7 @@ impl FrameDecoder {
             },
             fds: Vec::new(),
             scratch: Vec::new(),
+            rejected: None,
         }
     }
 
@@ -168,7 +189,15 @@ impl FrameDecoder {
 
     /// True between messages: an end of stream here is a clean close, elsewhere a truncation.
     pub fn is_idle(&self) -> bool {
-        matches!(self.state, State::Header { got: 0, .. }) && self.fds.is_empty()
+        matches!(self.state, State::Header { got: 0, .. })
+            && self.fds.is_empty()
+            && self.rejected.is_none()
+    }
+
+    /// Marks the message being read as carrying too many fds; it is rejected once complete.
+    pub fn reject_fds(&mut self) {
+        self.fds.clear();
+        self.rejected.get_or_insert(Rejection::TooManyFds);
     }
 
     /// The buffer the next read must fill (never empty).
@@ -200,11 +229,16 @@ impl FrameDecoder {
                     return Err(FrameError::CheckHeaderSize(header.msg_size));
                 }
                 let payload = size - HEADER_SIZE;
-                if payload > self.limits.max_payload || self.fds.len() > self.limits.max_fds {
+                if self.fds.len() > self.limits.max_fds {
+                    self.reject_fds();
+                }
+                if payload > self.limits.max_payload {
                     self.fds.clear();
+                    self.rejected = Some(Rejection::TooLarge);
+                }
+                if self.rejected.is_some() {
                     if payload == 0 {
-                        self.reset();
-                        return Ok(Decoded::Oversized(header));
+                        return Ok(self.finish(header, Vec::new()));
                     }
                     self.state = State::Discard {
                         header,
@@ -238,9 +272,8 @@ impl FrameDecoder {
                     return Ok(Decoded::Pending);
                 }
                 let header = *header;
-                self.reset();
                 self.scratch = Vec::new();
-                Ok(Decoded::Oversized(header))
+                Ok(self.finish(header, Vec::new()))
             }
         }
     }
@@ -248,8 +281,11 @@ impl FrameDecoder {
     fn finish(&mut self, header: Header, payload: Vec<u8>) -> Decoded {
         let fds = std::mem::take(&mut self.fds);
         self.reset();
+        if let Some(why) = self.rejected.take() {
+            return Decoded::Rejected(header, why);
+        }
         if fds.len() > self.limits.max_fds {
-            return Decoded::Oversized(header);
+            return Decoded::Rejected(header, Rejection::TooManyFds);
         }
         Decoded::Frame(Frame {
             header,
@@ -319,7 +355,7 @@ mod tests {
             max_fds: 1,
         });
         let out = feed(&mut dec, &stream, 7);
-        assert!(matches!(&out[0], Decoded::Oversized(h) if h.msg_id == 7));
+        assert!(matches!(&out[0], Decoded::Rejected(h, Rejection::TooLarge) if h.msg_id == 7));
         assert!(matches!(&out[1], Decoded::Frame(f) if f.header.msg_id == 8));
     }
 

@@ -1,0 +1,98 @@
+//! The version-1 configuration schema as plain serde types.
+//!
+//! These types only describe the *shape* of a configuration. Rules that
+//! serde cannot express (the version number, the name alphabet, resolving a
+//! relative socket path against the file that names it) are enforced by
+//! [`crate::parse_str`], [`crate::load_file`] and [`crate::load_paths`];
+//! deserializing a [`DeviceConfig`] directly skips them.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The only configuration schema version this crate understands.
+///
+/// A file with any other `version` is rejected before the rest of it is
+/// interpreted, because a later schema may give the same field names a
+/// different meaning.
+pub const CONFIG_VERSION: u32 = 1;
+
+/// Longest accepted device [`name`](DeviceConfig::name), in characters.
+///
+/// Names end up in log lines and default socket file names, so they are kept
+/// short and restricted to `[A-Za-z0-9_.-]`.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// One device served by the daemon, as read from one JSON file.
+///
+/// Invariants after loading through this crate: `version` is
+/// [`CONFIG_VERSION`], `name` is a valid device name (see [`MAX_NAME_LEN`]),
+/// and `socket` is an absolute path (relative paths in the file have been
+/// resolved against the file's directory).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    /// Schema version; always [`CONFIG_VERSION`] once loaded.
+    pub version: u32,
+    /// Short identifier used in logs and default socket names; unique among
+    /// the devices loaded together.
+    pub name: String,
+    /// Path of the vfio-user listening socket; unique among the devices
+    /// loaded together.
+    pub socket: PathBuf,
+    /// What the daemon exposes on this socket.
+    pub device: DeviceSpec,
+}
+
+/// The kind of device behind a socket, selected by the JSON field `"type"`.
+///
+/// Internally tagged so that new kinds (for example
+/// `{"type": "host", "pci": "0000:01:00.0"}`) can be added as new variants
+/// without changing existing files. When adding a variant, also add it to
+/// `DeviceType` in `parse.rs` so that errors inside it get a precise JSON
+/// path (the compiler points there through `device_type_of` in the tests).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum DeviceSpec {
+    /// A device implemented entirely in software by the daemon.
+    Emulated(EmulatedDevice),
+}
+
+/// Settings of a software-emulated device.
+///
+/// New optional settings (capability policy, vIOMMU, compatibility knobs)
+/// should be added with `#[serde(default)]` so version-1 files stay valid.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmulatedDevice {
+    /// Which emulated device model to instantiate.
+    pub model: EmulatedModel,
+}
+
+/// The emulated device models the daemon can instantiate.
+///
+/// Spelled in kebab-case in JSON (`"ats-dma"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EmulatedModel {
+    /// DMA test device that exercises ATS address translation.
+    AtsDma,
+}
+
+/// The configuration used when no configuration file is given.
+///
+/// Serves one emulated `ats-dma` device named `demo0` on
+/// `socket_dir/demo0.sock`, so the daemon is usable out of the box. The
+/// caller chooses `socket_dir` (typically the runtime directory); it is
+/// used as given, so pass an absolute path to keep the invariant of
+/// [`DeviceConfig::socket`].
+pub fn embedded_default(socket_dir: &Path) -> DeviceConfig {
+    DeviceConfig {
+        version: CONFIG_VERSION,
+        name: "demo0".to_owned(),
+        socket: socket_dir.join("demo0.sock"),
+        device: DeviceSpec::Emulated(EmulatedDevice {
+            model: EmulatedModel::AtsDma,
+        }),
+    }
+}

@@ -1,0 +1,561 @@
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::parse::DeviceType;
+use crate::*;
+
+const MINIMAL: &str = r#"{"version": 1, "name": "demo0", "socket": "/run/vfud/demo0.sock",
+ "device": {"type": "emulated", "model": "ats-dma"}}"#;
+
+/// A fresh directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(test: &str) -> Self {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("vfu-config-{}-{test}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("create temp dir");
+        Self(dir)
+    }
+
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.0.join(name);
+        fs::write(&path, text).expect("write temp file");
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn config(name: &str, socket: &str) -> String {
+    format!(
+        r#"{{"version": 1, "name": "{name}", "socket": "{socket}", "device": {{"type": "emulated", "model": "ats-dma"}}}}"#
+    )
+}
+
+/// Returns (path, message) of a ValidateField error, panicking otherwise.
+fn field_err(result: Result<DeviceConfig, ConfigError>) -> (String, String) {
+    match result {
+        Err(ConfigError::ValidateField { path, reason, .. }) => (path, reason),
+        other => panic!("expected a ValidateField error, got {other:?}"),
+    }
+}
+
+fn inline(text: &str) -> Result<DeviceConfig, ConfigError> {
+    parse_str(text, None)
+}
+
+/// Keeps `DeviceType` in step with `DeviceSpec`: adding a `DeviceSpec`
+/// variant breaks this match until the mirror is extended.
+fn device_type_of(spec: &DeviceSpec) -> DeviceType {
+    match spec {
+        DeviceSpec::Emulated(_) => DeviceType::Emulated,
+    }
+}
+
+#[test]
+fn minimal_example_parses() {
+    let config = inline(MINIMAL).expect("minimal example");
+    assert_eq!(config, embedded_default(Path::new("/run/vfud")));
+    assert_eq!(config.version, 1);
+    assert_eq!(config.name, "demo0");
+    assert_eq!(config.socket, PathBuf::from("/run/vfud/demo0.sock"));
+    assert_eq!(
+        config.device,
+        DeviceSpec::Emulated(EmulatedDevice {
+            model: EmulatedModel::AtsDma
+        })
+    );
+}
+
+#[test]
+fn serialization_round_trips() {
+    let config = embedded_default(Path::new("/run/vfud"));
+    let text = serde_json::to_string(&config).expect("serialize");
+    assert!(text.contains(r#""type":"emulated""#), "{text}");
+    assert!(text.contains(r#""model":"ats-dma""#), "{text}");
+    assert_eq!(inline(&text).expect("reparse"), config);
+}
+
+#[test]
+fn device_type_mirror_matches_spec() {
+    let spec = embedded_default(Path::new("/x")).device;
+    let value = serde_json::to_value(&spec).expect("serialize");
+    let tag: DeviceType = serde_json::from_value(value["type"].clone()).expect("tag decodes");
+    assert_eq!(tag, device_type_of(&spec));
+}
+
+#[test]
+fn utf8_bom_is_accepted() {
+    let text = format!("\u{feff}{MINIMAL}");
+    assert!(inline(&text).is_ok());
+}
+
+#[test]
+fn unknown_field_at_root_is_named() {
+    let text = MINIMAL.replacen("\"version\": 1,", "\"version\": 1, \"colour\": 3,", 1);
+    let err = inline(&text).expect_err("unknown field");
+    let shown = err.to_string();
+    let (path, reason) = field_err(Err(err));
+    assert_eq!(path, "colour", "{shown}");
+    assert!(reason.contains("unknown field \"colour\""), "{shown}");
+    assert!(
+        reason.contains("\"socket\""),
+        "lists expected fields: {shown}"
+    );
+    assert!(shown.starts_with("<inline>: at colour: "), "{shown}");
+}
+
+#[test]
+fn unknown_field_inside_device_is_named() {
+    let text = MINIMAL.replace(
+        "\"model\": \"ats-dma\"",
+        "\"model\": \"ats-dma\", \"speed\": 5",
+    );
+    let (path, reason) = field_err(inline(&text));
+    assert_eq!(path, "device.speed");
+    assert!(reason.contains("unknown field \"speed\""), "{reason}");
+}
+
+#[test]
+fn unknown_model_is_reported_at_device_model() {
+    let text = MINIMAL.replace("ats-dma", "foo");
+    let err =
+        parse_str(&text, Some(Path::new("/etc/vfud/devices/nic0.json"))).expect_err("bad model");
+    assert_eq!(
+        err.to_string(),
+        "/etc/vfud/devices/nic0.json: at device.model: unknown variant \"foo\", expected \"ats-dma\""
+    );
+}
+
+#[test]
+fn device_problems_have_precise_paths() {
+    let cases = [
+        (r#""device": 5"#, "device", "expected an object"),
+        (
+            r#""device": {"model": "ats-dma"}"#,
+            "device",
+            "missing field \"type\"",
+        ),
+        (
+            r#""device": {"type": "host", "model": "ats-dma"}"#,
+            "device.type",
+            "unknown variant \"host\"",
+        ),
+        (
+            r#""device": {"type": 7, "model": "ats-dma"}"#,
+            "device.type",
+            "expected",
+        ),
+        (
+            r#""device": {"type": "emulated"}"#,
+            "device",
+            "missing field \"model\"",
+        ),
+        (
+            r#""device": {"type": "emulated", "model": 1}"#,
+            "device.model",
+            "invalid type",
+        ),
+        (
+            r#""device": {"type": "emulated", "model": "ats-dma", "a b": 1}"#,
+            "device[\"a b\"]",
+            "unknown field",
+        ),
+    ];
+    for (device, want_path, want_reason) in cases {
+        let text = format!(r#"{{"version": 1, "name": "d", "socket": "/s", {device}}}"#);
+        let (path, reason) = field_err(inline(&text));
+        assert_eq!(path, want_path, "{device}: {reason}");
+        assert!(reason.contains(want_reason), "{device}: {reason}");
+    }
+}
+
+#[test]
+fn duplicate_keys_are_rejected() {
+    let text = MINIMAL.replace("\"name\": \"demo0\"", "\"name\": \"a\", \"name\": \"b\"");
+    let (_, reason) = field_err(inline(&text));
+    assert!(reason.contains("duplicate field \"name\""), "{reason}");
+
+    let text = MINIMAL.replace(
+        "\"model\": \"ats-dma\"",
+        "\"model\": \"ats-dma\", \"model\": \"ats-dma\"",
+    );
+    let (path, reason) = field_err(inline(&text));
+    assert!(path.starts_with("device"), "{path}");
+    assert!(reason.contains("duplicate field \"model\""), "{reason}");
+}
+
+#[test]
+fn wrong_version_is_rejected() {
+    for (version, found) in [
+        ("2", "found 2"),
+        ("0", "found 0"),
+        ("-1", "found -1"),
+        ("1.0", "found 1.0"),
+        ("\"1\"", "found \"1\""),
+        ("null", "found null"),
+        ("[1]", "found an array"),
+    ] {
+        let text = MINIMAL.replace("\"version\": 1", &format!("\"version\": {version}"));
+        let (path, reason) = field_err(inline(&text));
+        assert_eq!(path, "version", "{version}");
+        assert!(reason.contains(found), "{version}: {reason}");
+        assert!(reason.contains("expected 1"), "{version}: {reason}");
+    }
+    let text = MINIMAL.replace("\"version\": 1,", "");
+    let (path, reason) = field_err(inline(&text));
+    assert_eq!(path, "version");
+    assert!(reason.contains("expected 1"), "{reason}");
+}
+
+#[test]
+fn version_is_checked_before_the_rest() {
+    let text = r#"{"version": 2, "whatever": true}"#;
+    let (path, _) = field_err(inline(text));
+    assert_eq!(path, "version");
+}
+
+#[test]
+fn missing_field_is_reported_at_root() {
+    let text =
+        r#"{"version": 1, "socket": "/s", "device": {"type": "emulated", "model": "ats-dma"}}"#;
+    let err = inline(text).expect_err("missing name");
+    assert_eq!(err.to_string(), "<inline>: at $: missing field \"name\"");
+}
+
+#[test]
+fn bad_names_are_rejected() {
+    let long = "a".repeat(MAX_NAME_LEN + 1);
+    for name in [
+        "",
+        ".hidden",
+        "-opt",
+        "a b",
+        "a/b",
+        "nic\\u00e9",
+        "x\\ny",
+        long.as_str(),
+    ] {
+        let (path, reason) = field_err(inline(&config(name, "/s")));
+        assert_eq!(path, "name", "{name}: {reason}");
+    }
+    let max = "a".repeat(MAX_NAME_LEN);
+    for name in ["a", "_x", "nic0.eth-1_A", "0", max.as_str()] {
+        assert!(inline(&config(name, "/s")).is_ok(), "{name}");
+    }
+    let (_, reason) = field_err(inline(&config("a b", "/s")));
+    assert!(
+        reason.contains("' '") && reason.contains("position 2"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn bad_sockets_are_rejected() {
+    let long = format!("/{}", "s".repeat(MAX_SOCKET_PATH_LEN));
+    for socket in ["", "/run/vfud/", "dir/", "/a\\u0000b", long.as_str()] {
+        let (path, reason) = field_err(parse_str(
+            &config("d", socket),
+            Some(Path::new("/etc/vfud/d.json")),
+        ));
+        assert_eq!(path, "socket", "{socket:?}: {reason}");
+    }
+    let (_, reason) = field_err(inline(&config("d", "/run/vfud/")));
+    assert!(reason.contains("demo0.sock"), "suggests a fix: {reason}");
+}
+
+#[test]
+fn relative_socket_resolves_against_file_dir() {
+    let config = parse_str(
+        &config("d", "d.sock"),
+        Some(Path::new("/etc/vfud/devices/d.json")),
+    )
+    .expect("valid");
+    assert_eq!(config.socket, PathBuf::from("/etc/vfud/devices/d.sock"));
+
+    let config = parse_str(
+        &config_text_socket("../run/d.sock"),
+        Some(Path::new("/etc/vfud/d.json")),
+    )
+    .expect("valid");
+    assert_eq!(config.socket, PathBuf::from("/etc/vfud/../run/d.sock"));
+
+    let tmp = TempDir::new("relative");
+    let file = tmp.write("r.json", &config_text_socket("sub/r.sock"));
+    let config = load_file(&file).expect("valid");
+    assert_eq!(config.socket, tmp.0.join("sub/r.sock"));
+    assert!(config.socket.is_absolute());
+}
+
+#[test]
+fn relative_socket_from_relative_origin_becomes_absolute() {
+    let config =
+        parse_str(&config_text_socket("x.sock"), Some(Path::new("d.json"))).expect("valid");
+    assert!(config.socket.is_absolute(), "{}", config.socket.display());
+    assert!(config.socket.ends_with("x.sock"));
+}
+
+fn config_text_socket(socket: &str) -> String {
+    config("d", socket)
+}
+
+#[test]
+fn relative_socket_without_origin_is_rejected() {
+    let err = inline(&config("d", "d.sock")).expect_err("relative without origin");
+    let shown = err.to_string();
+    let (path, reason) = field_err(Err(err));
+    assert_eq!(path, "socket");
+    assert!(reason.contains("absolute"), "{reason}");
+    assert!(shown.starts_with("<inline>: at socket: "), "{shown}");
+}
+
+#[test]
+fn syntax_errors_have_line_and_column() {
+    let text = "{\n  \"version\": 1,\n  \"name\": \"a\" \"socket\": \"/s\"\n}";
+    match inline(text) {
+        Err(ConfigError::ParseJson {
+            origin,
+            line,
+            column,
+            reason,
+        }) => {
+            assert_eq!(origin, Origin::Inline);
+            assert_eq!(line, 3);
+            assert!(column > 1);
+            assert!(!reason.contains("line"), "position not repeated: {reason}");
+        }
+        other => panic!("expected ParseJson, got {other:?}"),
+    }
+    let err = parse_str("{,", Some(Path::new("/etc/x.json"))).expect_err("syntax");
+    assert!(
+        err.to_string()
+            .starts_with("/etc/x.json:1:2: invalid JSON: "),
+        "{err}"
+    );
+}
+
+#[test]
+fn non_object_root_is_rejected() {
+    for text in ["[]", "null", "1", "\"x\"", "true"] {
+        let (path, reason) = field_err(inline(text));
+        assert_eq!(path, "$", "{text}");
+        assert!(
+            reason.contains("expected a JSON object"),
+            "{text}: {reason}"
+        );
+    }
+}
+
+#[test]
+fn weird_input_never_panics() {
+    let deep_array = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+    let deep_open = "[".repeat(10_000);
+    let deep_in_field = format!(
+        r#"{{"version": 1, "x": {}{}}}"#,
+        "[".repeat(10_000),
+        "]".repeat(10_000)
+    );
+    let deep_objects = format!("{}1{}", "{\"a\":".repeat(10_000), "}".repeat(10_000));
+    let cases: Vec<&str> = vec![
+        "",
+        " ",
+        "[]",
+        "{}",
+        "null",
+        "{\"version\":1e999}",
+        "{\"version\":18446744073709551617}",
+        "{\"version\":1",
+        "{\"version\":1}",
+        "{\"version\":1}}",
+        "{\"version\":1} x",
+        "\"\\ud800\"",
+        "{\"version\":1,\"name\":\"\\u0000\",\"socket\":\"\\u0000\",\"device\":{}}",
+        "{\"version\":1,\"device\":{\"type\":null}}",
+        "\u{feff}",
+        &deep_array,
+        &deep_open,
+        &deep_in_field,
+        &deep_objects,
+    ];
+    for text in cases {
+        let result = std::panic::catch_unwind(|| inline(text));
+        let result = result.unwrap_or_else(|_| panic!("panicked on {:.40}", text));
+        let err = result.expect_err("all cases are invalid");
+        assert!(!err.to_string().is_empty());
+    }
+    let err = inline(&deep_array).expect_err("too deep");
+    assert!(matches!(err, ConfigError::ParseJson { .. }), "{err}");
+    assert!(err.to_string().contains("recursion limit"), "{err}");
+}
+
+#[test]
+fn directory_loading_picks_only_json_sorted() {
+    let tmp = TempDir::new("dir");
+    tmp.write("b.json", &config("bravo", "/run/vfud/b.sock"));
+    tmp.write("a.json", &config("alpha", "/run/vfud/a.sock"));
+    tmp.write("c.json.bak", "not json");
+    tmp.write("README", "not json");
+    tmp.write(".hidden.json", "not json");
+    tmp.write("json", "not json");
+    fs::create_dir(tmp.0.join("sub.json")).expect("mkdir");
+    fs::create_dir(tmp.0.join("nested")).expect("mkdir");
+    tmp.write("nested/z.json", "not json");
+
+    let configs = load_paths(std::slice::from_ref(&tmp.0)).expect("loads");
+    let names: Vec<_> = configs.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["alpha", "bravo"]);
+
+    // Listing a file of the directory again does not count as a duplicate.
+    let configs = load_paths(&[tmp.0.clone(), tmp.0.join("a.json")]).expect("loads");
+    assert_eq!(configs.len(), 2);
+}
+
+#[test]
+fn empty_directory_is_an_error() {
+    let tmp = TempDir::new("empty");
+    tmp.write("notes.txt", "hello");
+    let errors = load_paths(std::slice::from_ref(&tmp.0)).expect_err("no configs");
+    assert_eq!(errors.len(), 1);
+    assert!(matches!(errors.errors()[0], ConfigError::NoConfigs { .. }));
+    assert_eq!(
+        errors.to_string(),
+        format!(
+            "no device configuration found in {}; add a *.json file, see README",
+            tmp.0.display()
+        )
+    );
+    let errors = load_paths(&[]).expect_err("no paths");
+    assert!(matches!(errors.errors()[0], ConfigError::NoPaths));
+}
+
+#[test]
+fn duplicates_across_files_name_both_files() {
+    let tmp = TempDir::new("dups");
+    let a = tmp.write("a.json", &config("same", "/run/vfud/x.sock"));
+    let b = tmp.write("b.json", &config("same", "/run/vfud//x.sock"));
+    tmp.write("c.json", &config("other", "/run/vfud/c.sock"));
+    let errors = load_paths(std::slice::from_ref(&tmp.0)).expect_err("duplicates");
+    assert_eq!(errors.len(), 2, "{errors}");
+    match &errors.errors()[0] {
+        ConfigError::DuplicateName {
+            name,
+            first,
+            second,
+        } => {
+            assert_eq!(name, "same");
+            assert_eq!(first, &a);
+            assert_eq!(second, &b);
+        }
+        other => panic!("expected DuplicateName, got {other:?}"),
+    }
+    assert!(matches!(
+        errors.errors()[1],
+        ConfigError::DuplicateSocket { .. }
+    ));
+    let shown = errors.to_string();
+    let lines: Vec<_> = shown.lines().collect();
+    assert_eq!(lines.len(), 2);
+    for line in lines {
+        assert!(line.contains(&*a.to_string_lossy()), "{line}");
+        assert!(line.contains(&*b.to_string_lossy()), "{line}");
+    }
+}
+
+#[test]
+fn relative_sockets_in_different_dirs_do_not_clash() {
+    let tmp = TempDir::new("reldirs");
+    fs::create_dir(tmp.0.join("one")).expect("mkdir");
+    fs::create_dir(tmp.0.join("two")).expect("mkdir");
+    let a = tmp.write("one/a.json", &config("a", "dev.sock"));
+    let b = tmp.write("two/b.json", &config("b", "dev.sock"));
+    let configs = load_paths(&[a, b]).expect("distinct sockets");
+    assert_ne!(configs[0].socket, configs[1].socket);
+}
+
+#[test]
+fn all_errors_are_collected() {
+    let tmp = TempDir::new("many");
+    tmp.write("1-syntax.json", "{");
+    tmp.write("2-model.json", &MINIMAL.replace("ats-dma", "foo"));
+    tmp.write("3-rules.json", &config(".bad", "/run/vfud/"));
+    tmp.write("4-good.json", &config("good", "/run/vfud/good.sock"));
+    let missing = tmp.0.join("missing.json");
+    let errors = load_paths(&[tmp.0.clone(), missing.clone()]).expect_err("errors");
+    let shown = errors.to_string();
+    assert_eq!(errors.len(), 5, "{shown}");
+    let errs = errors.errors();
+    assert!(
+        matches!(errs[0], ConfigError::ParseJson { line: 1, .. }),
+        "{shown}"
+    );
+    assert!(
+        shown
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.contains("2-model.json: at device.model:")),
+        "{shown}"
+    );
+    assert!(
+        matches!(&errs[2], ConfigError::ValidateField { path, .. } if path == "name"),
+        "{shown}"
+    );
+    assert!(
+        matches!(&errs[3], ConfigError::ValidateField { path, .. } if path == "socket"),
+        "{shown}"
+    );
+    match &errs[4] {
+        ConfigError::ReadFile { file, source } => {
+            assert_eq!(file, &missing);
+            assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+            let text = errs[4].to_string();
+            assert!(
+                !text.contains(&source.to_string()),
+                "source not repeated: {text}"
+            );
+            assert!(text.contains("does not exist"), "{text}");
+        }
+        other => panic!("expected ReadFile, got {other:?}"),
+    }
+    assert_eq!(shown.lines().count(), 5);
+}
+
+#[test]
+fn load_file_reports_read_problems() {
+    let tmp = TempDir::new("read");
+    let err = load_file(&tmp.0.join("nope.json")).expect_err("missing");
+    assert!(matches!(err, ConfigError::ReadFile { .. }), "{err}");
+    assert!(std::error::Error::source(&err).is_some());
+
+    let err = load_file(&tmp.0).expect_err("directory");
+    assert!(matches!(err, ConfigError::ReadFile { .. }), "{err}");
+
+    let big = tmp.write("big.json", &" ".repeat(MAX_CONFIG_BYTES as usize + 1));
+    let err = load_file(&big).expect_err("too large");
+    assert!(matches!(err, ConfigError::ReadTooLarge { .. }), "{err}");
+
+    let bad_utf8 = tmp.0.join("latin1.json");
+    fs::write(&bad_utf8, b"{\"version\": 1, \"name\": \"caf\xe9\"}").expect("write");
+    let err = load_file(&bad_utf8).expect_err("bad utf-8");
+    assert!(matches!(err, ConfigError::ParseJson { .. }), "{err}");
+
+    let good = tmp.write("good.json", MINIMAL);
+    assert_eq!(load_file(&good).expect("valid").name, "demo0");
+}
+
+#[test]
+fn embedded_default_is_valid() {
+    let config = embedded_default(Path::new("/run/vfud"));
+    assert_eq!(config.name, "demo0");
+    assert_eq!(config.socket, PathBuf::from("/run/vfud/demo0.sock"));
+    let text = serde_json::to_string(&config).expect("serialize");
+    assert_eq!(inline(&text).expect("valid"), config);
+}

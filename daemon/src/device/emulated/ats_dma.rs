@@ -1,0 +1,615 @@
+//! `ats-dma`: the reference emulated device, a PCIe DMA engine with ATS, PASID and PRI
+//! capabilities.
+//!
+//! The guest programs source, destination and length in BAR0 and writes a command; the engine
+//! runs asynchronously (like hardware behind a doorbell), moves data through [`GuestMemory`]
+//! (directly for fd-backed maps, by DMA_READ/DMA_WRITE messages otherwise), then updates
+//! STATUS and raises the completion interrupt on MSI-X vector 0, MSI or INTx, whichever the
+//! client enabled. The register map is documented in `docs/ats-dma.md`.
+//!
+//! Seam for ATS: every guest address the engine touches goes through [`AtsDma::translate`],
+//! which today is the identity (untranslated requests); the ATS issue replaces it with a
+//! translation request to the vIOMMU and a device ATC.
+
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+use vfu_protocol::command::region;
+use vfu_protocol::reply::{RegionCap, RegionDescription};
+use vfu_protocol::request::SetIrqsRequest;
+use vfu_protocol::wire::{
+    SparseMmapArea, DEVICE_FLAG_PCI, DEVICE_FLAG_RESET, REGION_FLAG_MMAP, REGION_FLAG_READ,
+    REGION_FLAG_WRITE,
+};
+
+use crate::device::irq::IrqTable;
+use crate::device::{Device, DeviceError, DeviceInfo, RegionSpec};
+use crate::dma::GuestMemory;
+use crate::pci::caps::{
+    CAP_ID_EXP, CAP_ID_MSI, CAP_ID_MSIX, CAP_ID_PM, EXT_CAP_ID_ATS, EXT_CAP_ID_PASID,
+    EXT_CAP_ID_PRI,
+};
+use crate::pci::{ConfigSpace, ConfigSpaceBuilder};
+
+/// PCI vendor id (Red Hat, Inc., the QEMU emulated-device vendor).
+pub const VENDOR_ID: u16 = 0x1b36;
+/// PCI device id of ats-dma (not used by any QEMU device).
+pub const DEVICE_ID: u16 = 0x00fd;
+/// Class code: system peripheral, DMA controller, generic.
+pub const CLASS_CODE: u32 = 0x08_01_00;
+
+/// BAR0 size: registers, MSI-X table and PBA.
+pub const BAR0_SIZE: u64 = 0x4000;
+/// BAR2 size: device-local memory the client may mmap.
+pub const BAR2_SIZE: u64 = 0x10000;
+/// MSI-X vectors.
+pub const MSIX_VECTORS: u32 = 4;
+/// Offset of the MSI-X table in BAR0.
+pub const MSIX_TABLE_OFFSET: u64 = 0x2000;
+/// Offset of the MSI-X PBA in BAR0.
+pub const MSIX_PBA_OFFSET: u64 = 0x3000;
+/// Largest transfer one command may move.
+pub const MAX_TRANSFER: u32 = 16 << 20;
+/// Chunk the engine moves per guest-memory access.
+const CHUNK: usize = 64 * 1024;
+
+/// BAR0 register offsets (all 32-bit, little-endian).
+pub mod regs {
+    /// RO: "ADMA" (0x414d4441).
+    pub const ID: u64 = 0x00;
+    /// RO: major << 16 | minor.
+    pub const VERSION: u64 = 0x04;
+    pub const SRC_LO: u64 = 0x08;
+    pub const SRC_HI: u64 = 0x0c;
+    pub const DST_LO: u64 = 0x10;
+    pub const DST_HI: u64 = 0x14;
+    /// Transfer length in bytes, 1..=MAX_LEN.
+    pub const LEN: u64 = 0x18;
+    /// Fill pattern (FILL repeats these 4 bytes).
+    pub const PATTERN: u64 = 0x1c;
+    /// WO doorbell: opcode in bits 3:0, [`CMD_IRQ`] requests a completion interrupt.
+    pub const CMD: u64 = 0x20;
+    /// RO: [`STATUS_IDLE`], [`STATUS_BUSY`], [`STATUS_DONE`] or [`STATUS_ERROR`].
+    pub const STATUS: u64 = 0x24;
+    /// RO: error code of the last command ([`ERR_NONE`] ...).
+    pub const ERROR: u64 = 0x28;
+    /// RO: CRC-32 (IEEE) computed by CHECKSUM.
+    pub const RESULT: u64 = 0x2c;
+    /// RO: commands completed (done or error) since reset.
+    pub const COMPLETED: u64 = 0x30;
+    /// RW1C: bit 0 set when a command completes.
+    pub const IRQ_STATUS: u64 = 0x34;
+    /// RO: largest LEN accepted.
+    pub const MAX_LEN: u64 = 0x38;
+    /// RO: doorbells rejected because the engine was busy.
+    pub const REJECTED: u64 = 0x3c;
+
+    pub const OP_COPY: u32 = 1;
+    pub const OP_FILL: u32 = 2;
+    pub const OP_CHECKSUM: u32 = 3;
+    pub const CMD_IRQ: u32 = 1 << 8;
+
+    pub const STATUS_IDLE: u32 = 0;
+    pub const STATUS_BUSY: u32 = 1;
+    pub const STATUS_DONE: u32 = 2;
+    pub const STATUS_ERROR: u32 = 3;
+
+    pub const ERR_NONE: u32 = 0;
+    pub const ERR_OPCODE: u32 = 1;
+    pub const ERR_LENGTH: u32 = 2;
+    pub const ERR_DMA_FAULT: u32 = 3;
+    pub const ERR_NO_CLIENT: u32 = 4;
+}
+
+use regs::*;
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Registers {
+    src: u64,
+    dst: u64,
+    len: u32,
+    pattern: u32,
+    status: u32,
+    error: u32,
+    result: u32,
+    completed: u32,
+    irq_status: u32,
+    rejected: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Job {
+    op: u32,
+    src: u64,
+    dst: u64,
+    len: u32,
+    pattern: u32,
+    irq: bool,
+    generation: u64,
+}
+
+#[derive(Debug)]
+struct State {
+    config: ConfigSpace,
+    regs: Registers,
+    msix_table: Vec<u8>,
+    irqs: IrqTable,
+    memory: Option<Arc<GuestMemory>>,
+    /// Bumped by reset and detach so a job that started before completes into nothing.
+    generation: u64,
+}
+
+/// The ats-dma device model.
+#[derive(Debug)]
+pub struct AtsDma {
+    name: String,
+    state: Arc<Mutex<State>>,
+    bar2: Arc<OwnedFd>,
+}
+
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Why the model could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum AtsDmaError {
+    #[error("creating the memfd that backs BAR2 failed")]
+    CreateBar2(#[source] nix::errno::Errno),
+}
+
+fn build_config_space() -> ConfigSpace {
+    let mut b = ConfigSpaceBuilder::new(VENDOR_ID, DEVICE_ID, CLASS_CODE, 1);
+    b.interrupt_pin(1);
+    b.memory_bar32(0, BAR0_SIZE as u32);
+    b.memory_bar32(2, BAR2_SIZE as u32);
+    // Power management v3, D0 only.
+    let pm = b.standard_capability(CAP_ID_PM, &[0x03, 0x00, 0, 0, 0, 0]);
+    b.writable(pm + 4, &[0x03]);
+    // MSI: 64-bit, 1 vector. Control enable bit and address/data are guest-writable.
+    let msi = b.standard_capability(CAP_ID_MSI, &[0x80, 0x00, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    b.writable(msi + 2, &[0x01]);
+    b.writable(
+        msi + 4,
+        &[0xfc, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
+    );
+    // PCI Express v2 endpoint, max payload 256, ATS-relevant bits left to the extended caps.
+    let mut exp = vec![0u8; 0x3a];
+    exp[0..2].copy_from_slice(&0x0002u16.to_le_bytes());
+    exp[2..6].copy_from_slice(&0x0000_8001u32.to_le_bytes());
+    exp[0x0a..0x0e].copy_from_slice(&0x0041_0411u32.to_le_bytes());
+    exp[0x0e..0x10].copy_from_slice(&0x0011u16.to_le_bytes());
+    exp[0x22..0x26].copy_from_slice(&(1u32 << 16).to_le_bytes());
+    let pcie = b.standard_capability(CAP_ID_EXP, &exp);
+    b.writable(pcie + 8, &0x7cffu16.to_le_bytes());
+    b.writable(pcie + 0x10, &0x01c3u16.to_le_bytes());
+    b.writable(pcie + 0x28, &0x040fu16.to_le_bytes());
+    // MSI-X: table in BAR0 at 0x2000, PBA at 0x3000.
+    let mut msix = vec![0u8; 10];
+    msix[0..2].copy_from_slice(&((MSIX_VECTORS - 1) as u16).to_le_bytes());
+    msix[2..6].copy_from_slice(&(MSIX_TABLE_OFFSET as u32).to_le_bytes());
+    msix[6..10].copy_from_slice(&(MSIX_PBA_OFFSET as u32).to_le_bytes());
+    let msix_at = b.standard_capability(CAP_ID_MSIX, &msix);
+    b.writable(msix_at + 3, &[0xc0]);
+    // ATS: invalidate queue depth 0 (32), page aligned requests; control: enable + STU.
+    let ats = b.extended_capability(EXT_CAP_ID_ATS, 1, &[0x20, 0x00, 0x00, 0x00]);
+    b.writable(ats + 6, &0x801fu16.to_le_bytes());
+    // PASID: exec + priv supported, 20-bit max width; control: enable, exec, priv.
+    let pasid = b.extended_capability(EXT_CAP_ID_PASID, 1, &[0x06, 0x14, 0x00, 0x00]);
+    b.writable(pasid + 6, &0x0007u16.to_le_bytes());
+    // PRI: control (enable, reset), status (stopped), 32 outstanding requests capacity.
+    let pri = b.extended_capability(
+        EXT_CAP_ID_PRI,
+        1,
+        &[0x00, 0x00, 0x00, 0x01, 0x20, 0, 0, 0, 0, 0, 0, 0],
+    );
+    b.writable(pri + 4, &[0x01]);
+    b.writable(pri + 12, &0xffff_ffffu32.to_le_bytes());
+    b.w1c_bits(pri + 6, &[0x03]);
+    b.build()
+}
+
+impl AtsDma {
+    /// Creates the model; `name` is used in logs.
+    pub fn new(name: &str) -> Result<AtsDma, AtsDmaError> {
+        let bar2 = memfd_create(c"vfud-ats-dma-bar2", MemFdCreateFlag::MFD_CLOEXEC)
+            .map_err(AtsDmaError::CreateBar2)?;
+        nix::unistd::ftruncate(&bar2, BAR2_SIZE as i64).map_err(AtsDmaError::CreateBar2)?;
+        Ok(AtsDma {
+            name: name.to_string(),
+            state: Arc::new(Mutex::new(State {
+                config: build_config_space(),
+                regs: Registers::default(),
+                msix_table: vec![0; (MSIX_VECTORS * 16) as usize],
+                irqs: IrqTable::new_pci(1, 1, MSIX_VECTORS),
+                memory: None,
+                generation: 0,
+            })),
+            bar2: Arc::new(bar2),
+        })
+    }
+
+    /// Maps a device address to the address the engine uses on the bus. Identity until ATS.
+    fn translate(addr: u64) -> u64 {
+        addr
+    }
+
+    fn read_register(st: &State, offset: u64) -> u32 {
+        let r = &st.regs;
+        match offset {
+            ID => u32::from_le_bytes(*b"ADMA"),
+            VERSION => 1 << 16,
+            SRC_LO => r.src as u32,
+            SRC_HI => (r.src >> 32) as u32,
+            DST_LO => r.dst as u32,
+            DST_HI => (r.dst >> 32) as u32,
+            LEN => r.len,
+            PATTERN => r.pattern,
+            STATUS => r.status,
+            ERROR => r.error,
+            RESULT => r.result,
+            COMPLETED => r.completed,
+            IRQ_STATUS => r.irq_status,
+            MAX_LEN => MAX_TRANSFER,
+            REJECTED => r.rejected,
+            _ => 0,
+        }
+    }
+
+    fn bar0_read(st: &State, offset: u64, buf: &mut [u8]) {
+        if offset >= MSIX_TABLE_OFFSET {
+            let table = MSIX_TABLE_OFFSET..MSIX_TABLE_OFFSET + st.msix_table.len() as u64;
+            for (i, b) in buf.iter_mut().enumerate() {
+                let at = offset + i as u64;
+                *b = if table.contains(&at) {
+                    st.msix_table[(at - MSIX_TABLE_OFFSET) as usize]
+                } else {
+                    0 // PBA and reserved space: nothing pending is ever latched here.
+                };
+            }
+            return;
+        }
+        for (i, b) in buf.iter_mut().enumerate() {
+            let at = offset + i as u64;
+            let reg = Self::read_register(st, at & !3);
+            *b = reg.to_le_bytes()[(at & 3) as usize];
+        }
+    }
+
+    fn write_register(&self, st: &mut State, reg: u64, value: u32, mask: u32) {
+        let merge = |old: u32| (old & !mask) | (value & mask);
+        let r = &mut st.regs;
+        match reg {
+            SRC_LO => r.src = (r.src & !0xffff_ffff) | u64::from(merge(r.src as u32)),
+            SRC_HI => r.src = (r.src & 0xffff_ffff) | u64::from(merge((r.src >> 32) as u32)) << 32,
+            DST_LO => r.dst = (r.dst & !0xffff_ffff) | u64::from(merge(r.dst as u32)),
+            DST_HI => r.dst = (r.dst & 0xffff_ffff) | u64::from(merge((r.dst >> 32) as u32)) << 32,
+            LEN => r.len = merge(r.len),
+            PATTERN => r.pattern = merge(r.pattern),
+            IRQ_STATUS => r.irq_status &= !(value & mask),
+            CMD => self.doorbell(st, merge(0)),
+            _ => {}
+        }
+    }
+
+    fn bar0_write(&self, st: &mut State, offset: u64, data: &[u8]) {
+        if offset >= MSIX_TABLE_OFFSET {
+            let len = st.msix_table.len() as u64;
+            for (i, b) in data.iter().enumerate() {
+                let at = offset + i as u64;
+                if (MSIX_TABLE_OFFSET..MSIX_TABLE_OFFSET + len).contains(&at) {
+                    st.msix_table[(at - MSIX_TABLE_OFFSET) as usize] = *b;
+                }
+            }
+            return;
+        }
+        // Split into per-register pieces so unaligned or 8-byte writes behave like bytes lanes.
+        let mut at = offset;
+        let mut rest = data;
+        while !rest.is_empty() {
+            let reg = at & !3;
+            let lane = (at & 3) as usize;
+            let n = (4 - lane).min(rest.len());
+            let mut bytes = [0u8; 4];
+            let mut mask = [0u8; 4];
+            bytes[lane..lane + n].copy_from_slice(&rest[..n]);
+            mask[lane..lane + n].fill(0xff);
+            self.write_register(st, reg, u32::from_le_bytes(bytes), u32::from_le_bytes(mask));
+            at += n as u64;
+            rest = &rest[n..];
+        }
+    }
+
+    fn finish(st: &mut State, job: &Job, error: u32, result: Option<u32>, name: &str) {
+        if job.generation != st.generation {
+            return;
+        }
+        st.regs.status = if error == ERR_NONE {
+            STATUS_DONE
+        } else {
+            STATUS_ERROR
+        };
+        st.regs.error = error;
+        if let Some(r) = result {
+            st.regs.result = r;
+        }
+        st.regs.completed = st.regs.completed.wrapping_add(1);
+        st.regs.irq_status |= 1;
+        if job.irq {
+            match st.irqs.raise_completion() {
+                Ok(Some(index)) => tracing::trace!(device = name, index, "completion interrupt"),
+                Ok(None) => tracing::debug!(
+                    device = name,
+                    "completion interrupt requested but none enabled"
+                ),
+                Err(e) => tracing::warn!(device = name, error = %e, "completion interrupt failed"),
+            }
+        }
+    }
+
+    fn doorbell(&self, st: &mut State, cmd: u32) {
+        if st.regs.status == STATUS_BUSY {
+            st.regs.rejected = st.regs.rejected.wrapping_add(1);
+            return;
+        }
+        let job = Job {
+            op: cmd & 0xf,
+            src: Self::translate(st.regs.src),
+            dst: Self::translate(st.regs.dst),
+            len: st.regs.len,
+            pattern: st.regs.pattern,
+            irq: cmd & CMD_IRQ != 0,
+            generation: st.generation,
+        };
+        st.regs.status = STATUS_BUSY;
+        st.regs.error = ERR_NONE;
+        let check = if !matches!(job.op, OP_COPY | OP_FILL | OP_CHECKSUM) {
+            ERR_OPCODE
+        } else if job.len == 0 || job.len > MAX_TRANSFER {
+            ERR_LENGTH
+        } else {
+            ERR_NONE
+        };
+        let memory = st.memory.clone();
+        let (check, memory) = match (check, memory) {
+            (ERR_NONE, None) => (ERR_NO_CLIENT, None),
+            (c, m) => (c, m),
+        };
+        if check != ERR_NONE {
+            Self::finish(st, &job, check, None, &self.name);
+            return;
+        }
+        let Some(memory) = memory else { return };
+        let state = Arc::clone(&self.state);
+        let name = self.name.clone();
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            Self::finish(st, &job, ERR_NO_CLIENT, None, &self.name);
+            return;
+        };
+        rt.spawn(async move {
+            let outcome = run_job(&memory, &job).await;
+            let mut st = lock(&state);
+            match outcome {
+                Ok(result) => Self::finish(&mut st, &job, ERR_NONE, result, &name),
+                Err(e) => {
+                    tracing::debug!(device = %name, error = %e, "DMA command failed");
+                    Self::finish(&mut st, &job, ERR_DMA_FAULT, None, &name)
+                }
+            }
+        });
+    }
+}
+
+async fn run_job(memory: &GuestMemory, job: &Job) -> Result<Option<u32>, crate::dma::DmaError> {
+    let len = job.len as usize;
+    let mut buf = vec![0u8; CHUNK.min(len)];
+    let mut done = 0usize;
+    let mut crc = crc32fast::Hasher::new();
+    while done < len {
+        let n = CHUNK.min(len - done);
+        let chunk = &mut buf[..n];
+        let off = done as u64;
+        match job.op {
+            OP_COPY => {
+                memory.read(job.src.wrapping_add(off), chunk).await?;
+                memory.write(job.dst.wrapping_add(off), chunk).await?;
+            }
+            OP_FILL => {
+                for (i, b) in chunk.iter_mut().enumerate() {
+                    *b = job.pattern.to_le_bytes()[(done + i) % 4];
+                }
+                memory.write(job.dst.wrapping_add(off), chunk).await?;
+            }
+            _ => {
+                memory.read(job.src.wrapping_add(off), chunk).await?;
+                crc.update(chunk);
+            }
+        }
+        done += n;
+    }
+    Ok((job.op == OP_CHECKSUM).then(|| crc.finalize()))
+}
+
+impl Device for AtsDma {
+    fn info(&self) -> DeviceInfo {
+        DeviceInfo {
+            flags: DEVICE_FLAG_PCI | DEVICE_FLAG_RESET,
+            num_regions: region::NUM_PCI,
+            num_irqs: lock(&self.state).irqs.num_indexes(),
+        }
+    }
+
+    fn region(&self, index: u32) -> Option<RegionSpec> {
+        let rw = REGION_FLAG_READ | REGION_FLAG_WRITE;
+        let plain = |size| RegionSpec {
+            description: RegionDescription {
+                index,
+                flags: if size > 0 { rw } else { 0 },
+                size,
+                offset: 0,
+                caps: Vec::new(),
+            },
+            fd: None,
+        };
+        match index {
+            0 => Some(plain(BAR0_SIZE)),
+            2 => Some(RegionSpec {
+                description: RegionDescription {
+                    index,
+                    flags: rw | REGION_FLAG_MMAP,
+                    size: BAR2_SIZE,
+                    offset: 0,
+                    caps: vec![RegionCap::SparseMmap(vec![SparseMmapArea {
+                        offset: 0,
+                        size: BAR2_SIZE,
+                    }])],
+                },
+                fd: Some(Arc::clone(&self.bar2)),
+            }),
+            region::CONFIG => Some(plain(lock(&self.state).config.len() as u64)),
+            i if i < region::NUM_PCI => Some(plain(0)),
+            _ => None,
+        }
+    }
+
+    fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
+        let st = lock(&self.state);
+        match index {
+            0 => Self::bar0_read(&st, offset, buf),
+            2 => nix::sys::uio::pread(&*self.bar2, buf, offset as i64)
+                .map(|_| ())
+                .map_err(|_| DeviceError::CheckRange {
+                    index,
+                    offset,
+                    len: buf.len(),
+                    size: BAR2_SIZE,
+                })?,
+            region::CONFIG => st
+                .config
+                .read(offset, buf)
+                .map_err(|_| DeviceError::CheckRange {
+                    index,
+                    offset,
+                    len: buf.len(),
+                    size: st.config.len() as u64,
+                })?,
+            _ => return Err(DeviceError::CheckRegion { index }),
+        }
+        Ok(())
+    }
+
+    fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        let mut st = lock(&self.state);
+        match index {
+            0 => self.bar0_write(&mut st, offset, data),
+            2 => {
+                nix::sys::uio::pwrite(&*self.bar2, data, offset as i64).map_err(|_| {
+                    DeviceError::CheckRange {
+                        index,
+                        offset,
+                        len: data.len(),
+                        size: BAR2_SIZE,
+                    }
+                })?;
+            }
+            region::CONFIG => {
+                let size = st.config.len() as u64;
+                st.config
+                    .write(offset, data)
+                    .map_err(|_| DeviceError::CheckRange {
+                        index,
+                        offset,
+                        len: data.len(),
+                        size,
+                    })?
+            }
+            _ => return Err(DeviceError::CheckRegion { index }),
+        }
+        Ok(())
+    }
+
+    fn irq_info(&self, index: u32) -> Option<(u32, u32)> {
+        lock(&self.state).irqs.info(index)
+    }
+
+    fn set_irqs(&self, request: SetIrqsRequest) -> Result<(), DeviceError> {
+        lock(&self.state).irqs.set(request)
+    }
+
+    fn reset(&self) -> Result<(), DeviceError> {
+        let mut st = lock(&self.state);
+        st.generation = st.generation.wrapping_add(1);
+        st.regs = Registers::default();
+        st.config.reset();
+        st.msix_table.fill(0);
+        drop(st);
+        let zero = vec![0u8; BAR2_SIZE as usize];
+        nix::sys::uio::pwrite(&*self.bar2, &zero, 0).map_err(DeviceError::SignalIrq)?;
+        Ok(())
+    }
+
+    fn attach(&self, memory: Arc<GuestMemory>) {
+        lock(&self.state).memory = Some(memory);
+    }
+
+    fn detach(&self) {
+        let mut st = lock(&self.state);
+        st.memory = None;
+        st.irqs.clear();
+        if st.regs.status == STATUS_BUSY {
+            // The job's memory is being torn down; it cannot complete for anyone.
+            st.generation = st.generation.wrapping_add(1);
+            st.regs.status = STATUS_ERROR;
+            st.regs.error = ERR_NO_CLIENT;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pci::caps::CapabilityChain;
+
+    #[test]
+    fn config_space_has_every_capability_in_well_formed_chains() {
+        let cs = build_config_space();
+        let chain = CapabilityChain::walk(cs.bytes());
+        assert!(chain.standard_error.is_none() && chain.extended_error.is_none());
+        for id in [CAP_ID_PM, CAP_ID_MSI, CAP_ID_EXP, CAP_ID_MSIX] {
+            assert!(chain.find_standard(id).is_some(), "standard cap {id:#x}");
+        }
+        for id in [EXT_CAP_ID_ATS, EXT_CAP_ID_PASID, EXT_CAP_ID_PRI] {
+            assert!(chain.find_extended(id).is_some(), "extended cap {id:#x}");
+        }
+        assert_eq!(cs.u16_at(0), VENDOR_ID);
+    }
+
+    #[tokio::test]
+    async fn errors_without_a_client_and_for_bad_commands() {
+        let d = AtsDma::new("t").unwrap();
+        let w = |off: u64, v: u32| d.region_write(0, off, &v.to_le_bytes()).unwrap();
+        let r = |off: u64| {
+            let mut b = [0u8; 4];
+            d.region_read(0, off, &mut b).unwrap();
+            u32::from_le_bytes(b)
+        };
+        assert_eq!(r(ID), 0x414d_4441);
+        w(LEN, 16);
+        w(CMD, OP_COPY);
+        assert_eq!((r(STATUS), r(ERROR)), (STATUS_ERROR, ERR_NO_CLIENT));
+        d.attach(Arc::new(GuestMemory::new(8)));
+        w(CMD, 9);
+        assert_eq!(r(ERROR), ERR_OPCODE);
+        w(LEN, MAX_TRANSFER + 1);
+        w(CMD, OP_FILL);
+        assert_eq!(r(ERROR), ERR_LENGTH);
+        assert_eq!(r(COMPLETED), 3);
+        w(IRQ_STATUS, 1);
+        assert_eq!(r(IRQ_STATUS), 0);
+        // Byte-lane writes compose a 64-bit address.
+        d.region_write(0, SRC_LO, &0x1122_3344_5566_7788u64.to_le_bytes())
+            .unwrap();
+        assert_eq!((r(SRC_LO), r(SRC_HI)), (0x5566_7788, 0x1122_3344));
+    }
+}

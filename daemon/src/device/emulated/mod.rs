@@ -1,0 +1,5 @@
+//! Device models that live inside vfud.
+
+pub mod ats_dma;
+
+pub use ats_dma::AtsDma;

@@ -1,0 +1,170 @@
+//! The [`Device`] trait: what the server needs from anything that backs a socket.
+//!
+//! The server validates every index, offset and length against what the device describes
+//! before calling it; implementations still check defensively and return errors, never panic.
+//! Host devices (iommufd) and emulated models implement the same trait.
+
+pub mod emulated;
+pub mod irq;
+
+use std::sync::Arc;
+
+use nix::errno::Errno;
+use vfu_protocol::reply::RegionDescription;
+use vfu_protocol::request::SetIrqsRequest;
+
+use crate::dma::GuestMemory;
+
+/// Static facts about a device, answered to DEVICE_GET_INFO.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// `VFIO_DEVICE_FLAGS_*` (PCI, RESET).
+    pub flags: u32,
+    pub num_regions: u32,
+    pub num_irqs: u32,
+}
+
+/// A region as the device exposes it, with the fd that backs its mmap-able areas.
+#[derive(Debug, Clone)]
+pub struct RegionSpec {
+    pub description: RegionDescription,
+    /// Present iff the region has `REGION_FLAG_MMAP`; sent once per region-info reply.
+    pub fd: Option<Arc<std::os::fd::OwnedFd>>,
+}
+
+/// What a device operation can fail with; each maps to the errno of the error reply.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("region {index} does not exist")]
+    CheckRegion { index: u32 },
+    #[error("{len}-byte access at {offset:#x} is outside region {index} ({size} bytes)")]
+    CheckRange {
+        index: u32,
+        offset: u64,
+        len: usize,
+        size: u64,
+    },
+    #[error("region {index} does not allow {access}")]
+    CheckAccess { index: u32, access: &'static str },
+    #[error("IRQ index {index} does not exist or has no vectors")]
+    CheckIrqIndex { index: u32 },
+    #[error(
+        "IRQ range start {start} count {count} exceeds the {vectors} vectors of index {index}"
+    )]
+    CheckIrqRange {
+        index: u32,
+        start: u32,
+        count: u32,
+        vectors: u32,
+    },
+    #[error("IRQ index {index} does not support {what}")]
+    CheckIrqAction { index: u32, what: &'static str },
+    #[error("signalling an interrupt eventfd failed")]
+    SignalIrq(#[source] Errno),
+    #[error("the operation is not supported by this device")]
+    Unsupported,
+}
+
+impl DeviceError {
+    /// The errno for the error reply.
+    pub fn errno(&self) -> Errno {
+        match self {
+            DeviceError::SignalIrq(e) => *e,
+            DeviceError::Unsupported => Errno::ENOTSUP,
+            _ => Errno::EINVAL,
+        }
+    }
+}
+
+/// A device served over vfio-user. See the module documentation for the checking contract.
+pub trait Device: Send + Sync + 'static {
+    /// DEVICE_GET_INFO.
+    fn info(&self) -> DeviceInfo;
+
+    /// The region with `index`, or None if it does not exist. Regions below `num_regions` that
+    /// the device does not implement are reported with size 0.
+    fn region(&self, index: u32) -> Option<RegionSpec>;
+
+    /// Reads `buf.len()` bytes of region `index` at `offset` (already range-checked).
+    fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError>;
+
+    /// Writes `data` to region `index` at `offset` (already range-checked).
+    fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<(), DeviceError>;
+
+    /// DEVICE_GET_IRQ_INFO: (flags, count), or None if the index does not exist.
+    fn irq_info(&self, index: u32) -> Option<(u32, u32)>;
+
+    /// DEVICE_SET_IRQS, already parsed; range checks against the vector count are the device's.
+    fn set_irqs(&self, request: SetIrqsRequest) -> Result<(), DeviceError>;
+
+    /// DEVICE_RESET. Must finish well inside QEMU's 5 s message timeout.
+    fn reset(&self) -> Result<(), DeviceError>;
+
+    /// A client connected: DMA from now on goes through `memory`.
+    fn attach(&self, memory: Arc<GuestMemory>);
+
+    /// The client is gone: drop its memory handle and close every IRQ eventfd; keep all other
+    /// device state for the next client.
+    fn detach(&self);
+}
+
+/// Checks an access against a region description; used by the server before calling a device.
+pub fn check_region_access(
+    region: &RegionDescription,
+    offset: u64,
+    len: usize,
+    write: bool,
+) -> Result<(), DeviceError> {
+    use vfu_protocol::wire::{REGION_FLAG_READ, REGION_FLAG_WRITE};
+    let needed = if write {
+        REGION_FLAG_WRITE
+    } else {
+        REGION_FLAG_READ
+    };
+    if region.flags & needed == 0 {
+        return Err(DeviceError::CheckAccess {
+            index: region.index,
+            access: if write { "writes" } else { "reads" },
+        });
+    }
+    let in_range = offset
+        .checked_add(len as u64)
+        .is_some_and(|end| end <= region.size);
+    if !in_range {
+        return Err(DeviceError::CheckRange {
+            index: region.index,
+            offset,
+            len,
+            size: region.size,
+        });
+    }
+    Ok(())
+}
+
+/// Why a configured device could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateDeviceError {
+    #[error("device {name}: creating the ats-dma model failed")]
+    CreateAtsDma {
+        name: String,
+        #[source]
+        source: emulated::ats_dma::AtsDmaError,
+    },
+}
+
+/// Creates the device a configuration describes.
+pub fn create(config: &vfu_config::DeviceConfig) -> Result<Arc<dyn Device>, CreateDeviceError> {
+    match &config.device {
+        vfu_config::DeviceSpec::Emulated(e) => match e.model {
+            vfu_config::EmulatedModel::AtsDma => {
+                let d = emulated::AtsDma::new(&config.name).map_err(|source| {
+                    CreateDeviceError::CreateAtsDma {
+                        name: config.name.clone(),
+                        source,
+                    }
+                })?;
+                Ok(Arc::new(d))
+            }
+        },
+    }
+}

@@ -1,0 +1,670 @@
+//! One client connection: a reader task, an in-order command dispatcher, and a requester for
+//! server-initiated DMA_READ / DMA_WRITE.
+//!
+//! The reader owns the receive side. Commands go, in arrival order, through a bounded queue to
+//! the dispatcher, which executes one at a time (pipelining is allowed, reordering is not).
+//! Replies to our own DMA requests are routed straight to the waiting requester, so a device DMA
+//! that needs the client's answer never waits behind the command queue. The dispatcher and the
+//! requester share one writer, so messages never interleave on the wire.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io::{self, IoSlice};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use tokio::io::Interest;
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, oneshot, watch};
+use vfu_protocol::command::Command;
+use vfu_protocol::fdio::{self, FdIoError};
+use vfu_protocol::frame::{self, Decoded, Frame, FrameDecoder, FrameLimits, Rejection};
+use vfu_protocol::negotiate::{self, Negotiated, ServerLimits};
+use vfu_protocol::reply;
+use vfu_protocol::request::{MultiWrite, Request};
+use vfu_protocol::wire::{self, Header, FLAG_NO_REPLY, FLAG_TYPE_COMMAND, FLAG_TYPE_REPLY};
+use zerocopy::{FromBytes, IntoBytes};
+
+use crate::device::{check_region_access, Device};
+use crate::dma::{DmaBacking, DmaProt, DmaRegion, GuestMemory, MessageDmaRequest};
+
+/// Commands queued between the reader and the dispatcher; the reader stops reading when full.
+const COMMAND_QUEUE: usize = 256;
+/// How long a server-initiated DMA request waits for the client's reply.
+const MESSAGE_DMA_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a reply may wait for the client to drain its socket before we give up on it.
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndReason {
+    ClientClosed,
+    Truncated,
+    Unframable(String),
+    Socket(String),
+    Shutdown,
+}
+
+impl fmt::Display for EndReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EndReason::ClientClosed => f.write_str("client closed the connection"),
+            EndReason::Truncated => f.write_str("client closed the connection mid-message"),
+            EndReason::Unframable(why) => write!(f, "stream could not be framed: {why}"),
+            EndReason::Socket(why) => write!(f, "socket error: {why}"),
+            EndReason::Shutdown => f.write_str("daemon shutting down"),
+        }
+    }
+}
+
+/// Counters of one finished connection, for the disconnect log line.
+#[derive(Debug, Clone)]
+pub struct ConnectionSummary {
+    pub messages: u64,
+    pub error_replies: u64,
+    pub end: EndReason,
+}
+
+enum Inbound {
+    Command(Frame),
+    Rejected(Header, Rejection),
+    End(EndReason),
+}
+
+type Pending = Arc<Mutex<HashMap<u16, oneshot::Sender<Frame>>>>;
+
+fn lock_pending(p: &Pending) -> std::sync::MutexGuard<'_, HashMap<u16, oneshot::Sender<Frame>>> {
+    p.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct Writer {
+    stream: Arc<UnixStream>,
+    lock: tokio::sync::Mutex<()>,
+}
+
+impl Writer {
+    async fn send(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        let _guard = self.lock.lock().await;
+        let work = async {
+            let mut sent = 0;
+            while sent < bytes.len() {
+                let attach: &[BorrowedFd<'_>] = if sent == 0 { fds } else { &[] };
+                let n = self
+                    .stream
+                    .async_io(Interest::WRITABLE, || {
+                        fdio::send_with_fds(
+                            self.stream.as_fd(),
+                            &[IoSlice::new(&bytes[sent..])],
+                            attach,
+                        )
+                        .map_err(|FdIoError::Socket(e)| e)
+                    })
+                    .await?;
+                if n == 0 {
+                    return Err(io::Error::from(io::ErrorKind::WriteZero));
+                }
+                sent += n;
+            }
+            Ok(())
+        };
+        tokio::time::timeout(SEND_TIMEOUT, work)
+            .await
+            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
+    }
+}
+
+async fn read_loop(
+    stream: Arc<UnixStream>,
+    limits: FrameLimits,
+    queue: mpsc::Sender<Inbound>,
+    pending: Pending,
+) {
+    let mut decoder = FrameDecoder::new(limits);
+    let end = loop {
+        let mut fds = Vec::new();
+        let max_fds = limits.max_fds;
+        let buf = decoder.read_buf();
+        let received = stream
+            .async_io(Interest::READABLE, || {
+                fdio::recv_with_fds(stream.as_fd(), buf, &mut fds, max_fds)
+                    .map_err(|FdIoError::Socket(e)| e)
+            })
+            .await;
+        let received = match received {
+            Ok(r) => r,
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+                break if decoder.is_idle() {
+                    EndReason::ClientClosed
+                } else {
+                    EndReason::Truncated
+                }
+            }
+            Err(e) => break EndReason::Socket(e.to_string()),
+        };
+        if received.bytes == 0 {
+            break if decoder.is_idle() {
+                EndReason::ClientClosed
+            } else {
+                EndReason::Truncated
+            };
+        }
+        if received.fds_truncated {
+            decoder.reject_fds();
+        }
+        let inbound = match decoder.advance(received.bytes, fds) {
+            Ok(Decoded::Pending) => continue,
+            Ok(Decoded::Frame(f)) if f.is_reply() => {
+                match lock_pending(&pending).remove(&f.header.msg_id) {
+                    Some(tx) => {
+                        let _ = tx.send(f);
+                    }
+                    None => tracing::warn!(
+                        msg_id = f.header.msg_id,
+                        "dropping a reply to no outstanding request"
+                    ),
+                }
+                continue;
+            }
+            Ok(Decoded::Frame(f)) => Inbound::Command(f),
+            Ok(Decoded::Rejected(h, why)) => Inbound::Rejected(h, why),
+            Err(e) => break EndReason::Unframable(e.to_string()),
+        };
+        if queue.send(inbound).await.is_err() {
+            return;
+        }
+    };
+    let _ = queue.send(Inbound::End(end)).await;
+}
+
+/// Sends our DMA_READ / DMA_WRITE requests for fd-less maps and hands back the client's answer.
+async fn message_dma_loop(
+    mut port: mpsc::Receiver<MessageDmaRequest>,
+    writer: Arc<Writer>,
+    pending: Pending,
+    next_id: Arc<AtomicU16>,
+) {
+    while let Some(req) = port.recv().await {
+        let id = next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock_pending(&pending).insert(id, tx);
+        let (command, access, data, len) = match &req {
+            MessageDmaRequest::Read { iova, len, .. } => (
+                Command::DmaRead,
+                (*iova, u64::from(*len)),
+                &[][..],
+                *len as usize,
+            ),
+            MessageDmaRequest::Write { iova, data, .. } => {
+                (Command::DmaWrite, (*iova, data.len() as u64), &data[..], 0)
+            }
+        };
+        let prefix = wire::DmaAccess {
+            address: access.0,
+            count: access.1,
+        };
+        let bytes = frame::encode(
+            id,
+            command as u16,
+            FLAG_TYPE_COMMAND,
+            0,
+            &[prefix.as_bytes(), data],
+        );
+        let outcome: Result<Vec<u8>, Errno> = async {
+            writer.send(&bytes, &[]).await.map_err(|_| Errno::EPIPE)?;
+            let f = tokio::time::timeout(MESSAGE_DMA_TIMEOUT, rx)
+                .await
+                .map_err(|_| Errno::ETIMEDOUT)?
+                .map_err(|_| Errno::EPIPE)?;
+            if f.header.command != command as u16 {
+                return Err(Errno::EPROTO);
+            }
+            if let Some(e) = f.error() {
+                return Err(if e == 0 {
+                    Errno::EIO
+                } else {
+                    Errno::from_raw(e as i32)
+                });
+            }
+            let (got, rest) =
+                wire::DmaAccess::read_from_prefix(&f.payload).map_err(|_| Errno::EPROTO)?;
+            if got.address != access.0 || got.count != access.1 {
+                return Err(Errno::EPROTO);
+            }
+            match command {
+                Command::DmaRead if rest.len() == len => Ok(rest.to_vec()),
+                Command::DmaWrite if rest.is_empty() => Ok(Vec::new()),
+                _ => Err(Errno::EPROTO),
+            }
+        }
+        .await;
+        lock_pending(&pending).remove(&id);
+        if let Err(e) = &outcome {
+            tracing::warn!(command = %command, iova = format_args!("{:#x}", access.0), error = %e, "message DMA failed");
+        }
+        match req {
+            MessageDmaRequest::Read { reply, .. } => {
+                let _ = reply.send(outcome);
+            }
+            MessageDmaRequest::Write { reply, .. } => {
+                let _ = reply.send(outcome.map(|_| ()));
+            }
+        }
+    }
+}
+
+/// What a successful command answers: payload and at most one fd.
+struct Answer {
+    payload: Vec<u8>,
+    fd: Option<Arc<std::os::fd::OwnedFd>>,
+}
+
+impl Answer {
+    fn empty() -> Answer {
+        Answer {
+            payload: Vec::new(),
+            fd: None,
+        }
+    }
+    fn bytes(payload: Vec<u8>) -> Answer {
+        Answer { payload, fd: None }
+    }
+}
+
+struct Dispatcher {
+    name: String,
+    device: Arc<dyn Device>,
+    limits: ServerLimits,
+    negotiated: Option<Negotiated>,
+    memory: Option<Arc<GuestMemory>>,
+    writer: Arc<Writer>,
+    pending: Pending,
+    next_id: Arc<AtomicU16>,
+    dma_task: Option<tokio::task::JoinHandle<()>>,
+    messages: u64,
+    error_replies: u64,
+}
+
+impl Dispatcher {
+    async fn reply(&mut self, header: &Header, outcome: Result<Answer, Errno>) -> io::Result<()> {
+        if header.flags & FLAG_NO_REPLY != 0 {
+            if let Err(e) = outcome {
+                tracing::debug!(device = %self.name, command = header.command, error = %e, "posted command failed");
+            }
+            return Ok(());
+        }
+        match outcome {
+            Ok(a) => {
+                let bytes = reply::ok(header, &[&a.payload]);
+                match &a.fd {
+                    Some(fd) => self.writer.send(&bytes, &[fd.as_fd()]).await,
+                    None => self.writer.send(&bytes, &[]).await,
+                }
+            }
+            Err(e) => {
+                self.error_replies += 1;
+                self.writer
+                    .send(&frame::encode_error_reply(header, e as i32), &[])
+                    .await
+            }
+        }
+    }
+
+    async fn handle(&mut self, f: Frame) -> io::Result<()> {
+        self.messages += 1;
+        let header = f.header;
+        let outcome = if f.kind() != FLAG_TYPE_COMMAND && f.kind() != FLAG_TYPE_REPLY {
+            Err(Errno::EINVAL)
+        } else {
+            let max_xfer = self.limits.max_data_xfer_size;
+            match Request::parse(f, max_xfer) {
+                Ok(req) => self.execute(req, &header).await,
+                Err(e) => {
+                    tracing::debug!(device = %self.name, msg_id = header.msg_id, error = %e, "rejected a malformed command");
+                    Err(e.errno())
+                }
+            }
+        };
+        self.reply(&header, outcome).await
+    }
+
+    fn memory(&self) -> Result<&Arc<GuestMemory>, Errno> {
+        self.memory.as_ref().ok_or(Errno::EINVAL)
+    }
+
+    async fn execute(&mut self, req: Request, header: &Header) -> Result<Answer, Errno> {
+        let command = req.command();
+        if self.negotiated.is_none() && command != Command::Version {
+            tracing::debug!(device = %self.name, %command, "command before VERSION");
+            return Err(Errno::EINVAL);
+        }
+        match req {
+            Request::Version(offer) => {
+                if self.negotiated.is_some() {
+                    tracing::debug!(device = %self.name, "second VERSION rejected");
+                    return Err(Errno::EINVAL);
+                }
+                let n = negotiate::negotiate(&offer, &self.limits).map_err(|e| {
+                    tracing::warn!(device = %self.name, error = %e, "VERSION rejected");
+                    Errno::EINVAL
+                })?;
+                let memory = Arc::new(GuestMemory::new(n.max_dma_maps as usize));
+                let (tx, rx) = mpsc::channel(16);
+                memory.set_message_port(Some((
+                    tx,
+                    n.client_max_data_xfer_size
+                        .min(self.limits.max_data_xfer_size),
+                )));
+                self.dma_task = Some(tokio::spawn(message_dma_loop(
+                    rx,
+                    Arc::clone(&self.writer),
+                    Arc::clone(&self.pending),
+                    Arc::clone(&self.next_id),
+                )));
+                self.device.attach(Arc::clone(&memory));
+                self.memory = Some(memory);
+                tracing::info!(
+                    device = %self.name,
+                    version = format_args!("{}.{}", n.reply.major, n.reply.minor),
+                    client_max_msg_fds = n.client_max_msg_fds,
+                    client_max_data_xfer_size = n.client_max_data_xfer_size,
+                    max_dma_maps = n.max_dma_maps,
+                    write_multiple = n.write_multiple,
+                    "negotiated"
+                );
+                let payload = n.reply.encode();
+                self.negotiated = Some(n);
+                Ok(Answer::bytes(payload))
+            }
+            Request::DmaMap { map, fd } => {
+                let prot = DmaProt::from_map_flags(map.flags);
+                if !prot.read && !prot.write {
+                    return Err(Errno::EINVAL);
+                }
+                let region = match fd {
+                    Some(fd) => DmaRegion::map_fd(map.address, map.size, prot, &fd, map.offset),
+                    None => Ok(DmaRegion::new(
+                        map.address,
+                        map.size,
+                        prot,
+                        DmaBacking::Message,
+                    )),
+                }
+                .map_err(|e| {
+                    tracing::debug!(device = %self.name, error = %e, "DMA_MAP failed");
+                    e.errno()
+                })?;
+                let memory = Arc::clone(self.memory()?);
+                let replaced = memory.with_table(|t| t.insert(region)).map_err(|e| {
+                    tracing::debug!(device = %self.name, error = %e, "DMA_MAP rejected");
+                    e.errno()
+                })?;
+                if let Some(old) = replaced {
+                    old.drained().await;
+                }
+                Ok(Answer::empty())
+            }
+            Request::DmaUnmap(unmap) => {
+                let memory = Arc::clone(self.memory()?);
+                let removed = if unmap.flags & wire::DMA_UNMAP_FLAG_ALL != 0 {
+                    memory.with_table(|t| t.remove_all())
+                } else {
+                    vec![memory
+                        .with_table(|t| t.remove(unmap.address, unmap.size))
+                        .map_err(|e| {
+                            tracing::debug!(device = %self.name, error = %e, "DMA_UNMAP rejected");
+                            e.errno()
+                        })?]
+                };
+                // The spec requires every reference, in-flight DMA included, gone before the reply.
+                for r in removed {
+                    r.drained().await;
+                }
+                Ok(Answer::bytes(unmap.as_bytes().to_vec()))
+            }
+            Request::DeviceGetInfo { argsz } => {
+                if argsz < 16 {
+                    return Err(Errno::EINVAL);
+                }
+                let info = self.device.info();
+                Ok(Answer::bytes(
+                    wire::DeviceInfo {
+                        argsz: 16,
+                        flags: info.flags,
+                        num_regions: info.num_regions,
+                        num_irqs: info.num_irqs,
+                    }
+                    .as_bytes()
+                    .to_vec(),
+                ))
+            }
+            Request::DeviceGetRegionInfo { argsz, index } => {
+                if argsz < 32 {
+                    return Err(Errno::EINVAL);
+                }
+                let spec = self.device.region(index).ok_or(Errno::EINVAL)?;
+                let (payload, with_caps) = reply::region_info(argsz, &spec.description);
+                let fd = if with_caps && spec.description.flags & wire::REGION_FLAG_MMAP != 0 {
+                    spec.fd
+                } else {
+                    None
+                };
+                Ok(Answer { payload, fd })
+            }
+            Request::DeviceGetRegionIoFds { argsz, index } => {
+                if argsz < 16 {
+                    return Err(Errno::EINVAL);
+                }
+                self.device.region(index).ok_or(Errno::EINVAL)?;
+                Ok(Answer::bytes(
+                    wire::RegionIoFds {
+                        argsz: 16,
+                        flags: 0,
+                        index,
+                        count: 0,
+                    }
+                    .as_bytes()
+                    .to_vec(),
+                ))
+            }
+            Request::DeviceGetIrqInfo { argsz, index } => {
+                if argsz < 16 {
+                    return Err(Errno::EINVAL);
+                }
+                let (flags, count) = self.device.irq_info(index).ok_or(Errno::EINVAL)?;
+                Ok(Answer::bytes(
+                    wire::IrqInfo {
+                        argsz: 16,
+                        flags,
+                        index,
+                        count,
+                    }
+                    .as_bytes()
+                    .to_vec(),
+                ))
+            }
+            Request::DeviceSetIrqs(req) => {
+                self.device.set_irqs(req).map_err(|e| {
+                    tracing::debug!(device = %self.name, error = %e, "SET_IRQS rejected");
+                    e.errno()
+                })?;
+                Ok(Answer::empty())
+            }
+            Request::RegionRead {
+                region,
+                offset,
+                count,
+            } => {
+                let spec = self.device.region(region).ok_or(Errno::EINVAL)?;
+                check_region_access(&spec.description, offset, count as usize, false).map_err(
+                    |e| {
+                        tracing::debug!(device = %self.name, error = %e, "REGION_READ rejected");
+                        e.errno()
+                    },
+                )?;
+                let mut data = vec![0u8; count as usize];
+                self.device
+                    .region_read(region, offset, &mut data)
+                    .map_err(|e| e.errno())?;
+                let prefix = wire::RegionAccess {
+                    offset,
+                    region,
+                    count,
+                };
+                let mut payload = prefix.as_bytes().to_vec();
+                payload.extend_from_slice(&data);
+                Ok(Answer::bytes(payload))
+            }
+            Request::RegionWrite {
+                region,
+                offset,
+                data,
+            } => {
+                self.region_write(region, offset, &data)?;
+                let prefix = wire::RegionAccess {
+                    offset,
+                    region,
+                    count: data.len() as u32,
+                };
+                Ok(Answer::bytes(prefix.as_bytes().to_vec()))
+            }
+            Request::DeviceReset => {
+                self.device.reset().map_err(|e| {
+                    tracing::warn!(device = %self.name, error = %e, "reset failed");
+                    e.errno()
+                })?;
+                tracing::info!(device = %self.name, "device reset");
+                Ok(Answer::empty())
+            }
+            Request::RegionWriteMulti(writes) => {
+                if !self.negotiated.as_ref().is_some_and(|n| n.write_multiple) {
+                    return Err(Errno::EINVAL);
+                }
+                let done = self.write_multi(&writes)?;
+                Ok(Answer::bytes(done.as_bytes().to_vec()))
+            }
+            Request::DeviceFeature { flags, .. } => {
+                tracing::debug!(device = %self.name, feature = flags & wire::DEVICE_FEATURE_MASK, "DEVICE_FEATURE not supported");
+                let _ = header;
+                Err(Errno::ENOTSUP)
+            }
+            Request::MigDataRead { .. } | Request::MigDataWrite { .. } => Err(Errno::ENOTSUP),
+        }
+    }
+
+    fn region_write(&self, region: u32, offset: u64, data: &[u8]) -> Result<(), Errno> {
+        let spec = self.device.region(region).ok_or(Errno::EINVAL)?;
+        check_region_access(&spec.description, offset, data.len(), true).map_err(|e| {
+            tracing::debug!(device = %self.name, error = %e, "REGION_WRITE rejected");
+            e.errno()
+        })?;
+        self.device
+            .region_write(region, offset, data)
+            .map_err(|e| e.errno())
+    }
+
+    /// Applies writes in order and stops at the first failure; a failure before any write
+    /// succeeded is an error reply, otherwise the count done is the answer.
+    fn write_multi(&self, writes: &[MultiWrite]) -> Result<u64, Errno> {
+        let mut done = 0u64;
+        for w in writes {
+            match self.region_write(w.region, w.offset, &w.data) {
+                Ok(()) => done += 1,
+                Err(e) if done == 0 => return Err(e),
+                Err(_) => break,
+            }
+        }
+        Ok(done)
+    }
+
+    /// Drops everything the client gave us; the device keeps its own state.
+    async fn teardown(&mut self) {
+        if let Some(memory) = self.memory.take() {
+            memory.set_message_port(None);
+            if let Some(t) = self.dma_task.take() {
+                t.abort();
+                let _ = t.await;
+            }
+            lock_pending(&self.pending).clear();
+            self.device.detach();
+            let regions = memory.with_table(|t| t.remove_all());
+            let count = regions.len();
+            for r in regions {
+                if tokio::time::timeout(Duration::from_secs(5), r.drained())
+                    .await
+                    .is_err()
+                {
+                    tracing::error!(device = %self.name, iova = format_args!("{:#x}", r.iova), "in-flight DMA did not drain within 5 s");
+                }
+            }
+            tracing::debug!(device = %self.name, maps = count, "DMA maps released");
+        } else {
+            self.device.detach();
+        }
+    }
+}
+
+/// Serves one client until it leaves, the stream breaks, or the daemon shuts down.
+pub async fn serve(
+    name: &str,
+    stream: UnixStream,
+    device: Arc<dyn Device>,
+    limits: &ServerLimits,
+    mut shutdown: watch::Receiver<bool>,
+) -> ConnectionSummary {
+    let stream = Arc::new(stream);
+    let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
+    let (queue_tx, mut queue) = mpsc::channel(COMMAND_QUEUE);
+    let frame_limits = FrameLimits::for_xfer_size(limits.max_data_xfer_size, limits.max_msg_fds);
+    let reader = tokio::spawn(read_loop(
+        Arc::clone(&stream),
+        frame_limits,
+        queue_tx,
+        Arc::clone(&pending),
+    ));
+    let mut d = Dispatcher {
+        name: name.to_string(),
+        device,
+        limits: limits.clone(),
+        negotiated: None,
+        memory: None,
+        writer: Arc::new(Writer {
+            stream: Arc::clone(&stream),
+            lock: tokio::sync::Mutex::new(()),
+        }),
+        pending,
+        next_id: Arc::new(AtomicU16::new(0)),
+        dma_task: None,
+        messages: 0,
+        error_replies: 0,
+    };
+    let end = loop {
+        let inbound = tokio::select! {
+            i = queue.recv() => i,
+            _ = shutdown.wait_for(|s| *s) => break EndReason::Shutdown,
+        };
+        let result = match inbound {
+            None => break EndReason::ClientClosed,
+            Some(Inbound::End(why)) => break why,
+            Some(Inbound::Command(f)) => d.handle(f).await,
+            Some(Inbound::Rejected(h, why)) => {
+                d.messages += 1;
+                tracing::debug!(device = %d.name, msg_id = h.msg_id, command = h.command, size = h.msg_size, ?why, "rejected while framing");
+                d.reply(&h, Err(why.errno())).await
+            }
+        };
+        if let Err(e) = result {
+            break EndReason::Socket(e.to_string());
+        }
+    };
+    reader.abort();
+    let _ = reader.await;
+    d.teardown().await;
+    ConnectionSummary {
+        messages: d.messages,
+        error_replies: d.error_replies,
+        end,
+    }
+}
