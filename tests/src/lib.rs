@@ -1,1 +1,297 @@
-//! tests
+//! Harness for vfud's end-to-end tests: starts the real `vfud` binary on a private socket and
+//! gives tests what a VMM has: fd-backed guest RAM, a handler for message DMA, eventfds.
+//!
+//! Every wait has a deadline; a daemon that stops answering fails the test instead of hanging it.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+use vfu_protocol::client::{Client, ClientOptions, DmaHandler};
+
+/// The `vfud` binary: `$VFUD_BIN`, else next to the test executable's `deps/` directory, built
+/// with cargo if it is not there yet.
+pub fn vfud_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("VFUD_BIN") {
+            return PathBuf::from(p);
+        }
+        let exe = std::env::current_exe().expect("test executable path");
+        let dir = exe.parent().and_then(Path::parent).expect("target profile directory");
+        let bin = dir.join("vfud");
+        if !bin.exists() {
+            let status = Command::new(env!("CARGO"))
+                .args(["build", "-p", "vfud", "--bin", "vfud"])
+                .status()
+                .expect("running cargo build -p vfud");
+            assert!(status.success(), "cargo build -p vfud failed");
+        }
+        bin
+    })
+    .clone()
+}
+
+fn unique_dir() -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "vfud-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("creating the test directory");
+    dir
+}
+
+/// A running `vfud run` serving one ats-dma device, stopped (SIGTERM) on drop.
+#[derive(Debug)]
+pub struct Daemon {
+    child: Child,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts vfud with a config file for device `demo0` and waits until its socket accepts.
+    pub fn start() -> Daemon {
+        let dir = unique_dir();
+        let socket = dir.join("demo0.sock");
+        let config = dir.join("demo0.json");
+        std::fs::write(
+            &config,
+            format!(
+                r#"{{"version":1,"name":"demo0","socket":"{}","device":{{"type":"emulated","model":"ats-dma"}}}}"#,
+                socket.display()
+            ),
+        )
+        .expect("writing the device config");
+        let log = dir.join("vfud.log");
+        let child = Command::new(vfud_bin())
+            .args(["--log-level", "debug", "run", "--config"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawning vfud");
+        let mut d = Daemon {
+            child,
+            dir,
+            socket,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !d.socket.exists() {
+            if let Ok(Some(status)) = d.child.try_wait() {
+                panic!("vfud exited with {status} before listening:\n{}", d.log_text());
+            }
+            assert!(Instant::now() < deadline, "vfud did not create its socket:\n{}", d.log_text());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        d
+    }
+
+    /// The daemon's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A negotiated client with a 10 s bound on every wait.
+    pub fn client(&self) -> Client {
+        Client::connect(&self.socket).unwrap_or_else(|e| panic!("connecting to vfud: {e:?}\n{}", self.log_text()))
+    }
+
+    /// A connected client that has not negotiated.
+    pub fn raw_client(&self) -> Client {
+        Client::connect_raw(&self.socket, ClientOptions::default()).expect("connecting to vfud")
+    }
+
+    /// Asserts that the daemon is alive and serves a fresh client end to end.
+    pub fn assert_serving(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("vfud died ({status}):\n{}", self.log_text());
+        }
+        let mut c = self.client();
+        let info = c.device_info().expect("DEVICE_GET_INFO on a fresh connection");
+        assert_eq!(info.num_regions, 9);
+    }
+
+    /// Open file descriptors of the daemon.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// Resident set size of the daemon in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) => break,
+                _ if Instant::now() > deadline => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    break;
+                }
+                _ => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("vfud log ({}):\n{}", self.log.display(), self.log_text());
+        }
+    }
+}
+
+/// Guest RAM backed by a memfd, as QEMU's memory-backend-memfd provides it.
+#[derive(Debug)]
+pub struct GuestRam {
+    pub fd: OwnedFd,
+    pub size: u64,
+}
+
+impl GuestRam {
+    pub fn new(size: u64) -> GuestRam {
+        let fd = memfd_create(c"vfud-test-ram", MemFdCreateFlag::MFD_CLOEXEC).expect("memfd_create");
+        nix::unistd::ftruncate(&fd, size as i64).expect("ftruncate");
+        GuestRam { fd, size }
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    pub fn write(&self, offset: u64, data: &[u8]) {
+        let n = nix::sys::uio::pwrite(&self.fd, data, offset as i64).expect("pwrite");
+        assert_eq!(n, data.len());
+    }
+
+    pub fn read(&self, offset: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        let n = nix::sys::uio::pread(&self.fd, &mut buf, offset as i64).expect("pread");
+        assert_eq!(n, len);
+        buf
+    }
+}
+
+/// Guest memory that only the client can touch: serves the server's DMA_READ / DMA_WRITE.
+/// Cloning shares the memory, so a test can inspect it while the client owns the handler.
+#[derive(Debug, Clone, Default)]
+pub struct MessageRam {
+    pages: Arc<Mutex<BTreeMap<u64, u8>>>,
+    pub reads: Arc<AtomicU32>,
+    pub writes: Arc<AtomicU32>,
+}
+
+impl MessageRam {
+    pub fn store(&self, addr: u64, data: &[u8]) {
+        let mut p = self.pages.lock().unwrap();
+        for (i, b) in data.iter().enumerate() {
+            p.insert(addr + i as u64, *b);
+        }
+    }
+
+    pub fn load(&self, addr: u64, len: usize) -> Vec<u8> {
+        let p = self.pages.lock().unwrap();
+        (0..len as u64).map(|i| *p.get(&(addr + i)).unwrap_or(&0)).collect()
+    }
+}
+
+impl DmaHandler for MessageRam {
+    fn dma_read(&mut self, address: u64, len: usize) -> Result<Vec<u8>, Errno> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        Ok(self.load(address, len))
+    }
+
+    fn dma_write(&mut self, address: u64, data: &[u8]) -> Result<(), Errno> {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        self.store(address, data);
+        Ok(())
+    }
+}
+
+/// A non-blocking eventfd, as a VMM hands to SET_IRQS.
+pub fn eventfd() -> EventFd {
+    EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC).expect("eventfd")
+}
+
+/// Waits up to `timeout` for the eventfd to fire; returns the counter (0 on timeout).
+pub fn wait_eventfd(e: &EventFd, timeout: Duration) -> u64 {
+    let mut fds = [PollFd::new(e.as_fd(), PollFlags::POLLIN)];
+    let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+    match poll(&mut fds, PollTimeout::from(ms)) {
+        Ok(n) if n > 0 => e.read().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// Whether the fd has data (or EOF) within `timeout`.
+pub fn readable_within(fd: BorrowedFd<'_>, timeout: Duration) -> bool {
+    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+    let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+    matches!(poll(&mut fds, PollTimeout::from(ms)), Ok(n) if n > 0)
+}
+
+/// ats-dma register helpers shared by the tests.
+pub mod ats_dma {
+    pub use vfud::device::emulated::ats_dma::regs::*;
+    use std::time::{Duration, Instant};
+    use vfu_protocol::client::Client;
+
+    /// Programs and starts one command.
+    pub fn start(c: &mut Client, op: u32, src: u64, dst: u64, len: u32, pattern: u32, irq: bool) {
+        c.write_u32(0, SRC_LO, src as u32).unwrap();
+        c.write_u32(0, SRC_HI, (src >> 32) as u32).unwrap();
+        c.write_u32(0, DST_LO, dst as u32).unwrap();
+        c.write_u32(0, DST_HI, (dst >> 32) as u32).unwrap();
+        c.write_u32(0, LEN, len).unwrap();
+        c.write_u32(0, PATTERN, pattern).unwrap();
+        c.write_u32(0, CMD, op | if irq { CMD_IRQ } else { 0 }).unwrap();
+    }
+
+    /// Reads STATUS until the command leaves BUSY (servicing message DMA meanwhile, since each
+    /// read waits for its reply); returns (STATUS, ERROR). Fails after 20 s.
+    pub fn wait_idle(c: &mut Client) -> (u32, u32) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let s = c.read_u32(0, STATUS).unwrap();
+            if s != STATUS_BUSY {
+                return (s, c.read_u32(0, ERROR).unwrap());
+            }
+            assert!(Instant::now() < deadline, "ats-dma stayed busy");
+            std::thread::yield_now();
+        }
+    }
+}
