@@ -26,7 +26,10 @@ pub fn vfud_bin() -> PathBuf {
             return PathBuf::from(p);
         }
         let exe = std::env::current_exe().expect("test executable path");
-        let dir = exe.parent().and_then(Path::parent).expect("target profile directory");
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target profile directory");
         let bin = dir.join("vfud");
         if !bin.exists() {
             let status = Command::new(env!("CARGO"))
@@ -93,9 +96,16 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !d.socket.exists() {
             if let Ok(Some(status)) = d.child.try_wait() {
-                panic!("vfud exited with {status} before listening:\n{}", d.log_text());
+                panic!(
+                    "vfud exited with {status} before listening:\n{}",
+                    d.log_text()
+                );
             }
-            assert!(Instant::now() < deadline, "vfud did not create its socket:\n{}", d.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "vfud did not create its socket:\n{}",
+                d.log_text()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         d
@@ -113,7 +123,8 @@ impl Daemon {
 
     /// A negotiated client with a 10 s bound on every wait.
     pub fn client(&self) -> Client {
-        Client::connect(&self.socket).unwrap_or_else(|e| panic!("connecting to vfud: {e:?}\n{}", self.log_text()))
+        Client::connect(&self.socket)
+            .unwrap_or_else(|e| panic!("connecting to vfud: {e:?}\n{}", self.log_text()))
     }
 
     /// A connected client that has not negotiated.
@@ -127,7 +138,9 @@ impl Daemon {
             panic!("vfud died ({status}):\n{}", self.log_text());
         }
         let mut c = self.client();
-        let info = c.device_info().expect("DEVICE_GET_INFO on a fresh connection");
+        let info = c
+            .device_info()
+            .expect("DEVICE_GET_INFO on a fresh connection");
         assert_eq!(info.num_regions, 9);
     }
 
@@ -140,7 +153,8 @@ impl Daemon {
 
     /// Resident set size of the daemon in KiB.
     pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -184,7 +198,8 @@ pub struct GuestRam {
 
 impl GuestRam {
     pub fn new(size: u64) -> GuestRam {
-        let fd = memfd_create(c"vfud-test-ram", MemFdCreateFlag::MFD_CLOEXEC).expect("memfd_create");
+        let fd =
+            memfd_create(c"vfud-test-ram", MemFdCreateFlag::MFD_CLOEXEC).expect("memfd_create");
         nix::unistd::ftruncate(&fd, size as i64).expect("ftruncate");
         GuestRam { fd, size }
     }
@@ -225,7 +240,9 @@ impl MessageRam {
 
     pub fn load(&self, addr: u64, len: usize) -> Vec<u8> {
         let p = self.pages.lock().unwrap();
-        (0..len as u64).map(|i| *p.get(&(addr + i)).unwrap_or(&0)).collect()
+        (0..len as u64)
+            .map(|i| *p.get(&(addr + i)).unwrap_or(&0))
+            .collect()
     }
 }
 
@@ -266,9 +283,9 @@ pub fn readable_within(fd: BorrowedFd<'_>, timeout: Duration) -> bool {
 
 /// ats-dma register helpers shared by the tests.
 pub mod ats_dma {
-    pub use vfud::device::emulated::ats_dma::regs::*;
     use std::time::{Duration, Instant};
     use vfu_protocol::client::Client;
+    pub use vfud::device::emulated::ats_dma::regs::*;
 
     /// Programs and starts one command.
     pub fn start(c: &mut Client, op: u32, src: u64, dst: u64, len: u32, pattern: u32, irq: bool) {
@@ -278,7 +295,8 @@ pub mod ats_dma {
         c.write_u32(0, DST_HI, (dst >> 32) as u32).unwrap();
         c.write_u32(0, LEN, len).unwrap();
         c.write_u32(0, PATTERN, pattern).unwrap();
-        c.write_u32(0, CMD, op | if irq { CMD_IRQ } else { 0 }).unwrap();
+        c.write_u32(0, CMD, op | if irq { CMD_IRQ } else { 0 })
+            .unwrap();
     }
 
     /// Reads STATUS until the command leaves BUSY (servicing message DMA meanwhile, since each
