@@ -13,7 +13,7 @@ use nix::errno::Errno;
 use vfu_protocol::reply::RegionDescription;
 use vfu_protocol::request::SetIrqsRequest;
 
-use crate::dma::GuestMemory;
+use crate::dma::{DmaRegion, GuestMemory};
 
 /// Static facts about a device, answered to DEVICE_GET_INFO.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,8 +104,20 @@ pub trait Device: Send + Sync + 'static {
     fn attach(&self, memory: Arc<GuestMemory>);
 
     /// The client is gone: drop its memory handle and close every IRQ eventfd; keep all other
-    /// device state for the next client.
+    /// device state for the next client. Called after every map was unmapped.
     fn detach(&self);
+
+    /// A DMA map was added to the table. A host device mirrors it into its IOMMU here; an
+    /// error rolls the map back and fails the DMA_MAP with the error's errno.
+    fn dma_mapped(&self, region: &DmaRegion) -> Result<(), DeviceError> {
+        let _ = region;
+        Ok(())
+    }
+
+    /// A DMA map was removed and every in-flight access to it has drained.
+    fn dma_unmapped(&self, region: &DmaRegion) {
+        let _ = region;
+    }
 }
 
 /// Checks an access against a region description; used by the server before calling a device.

@@ -394,6 +394,11 @@ impl DmaMapTable {
         self.regions.values()
     }
 
+    /// The region that starts exactly at `iova`, O(log n).
+    pub fn get(&self, iova: u64) -> Option<Arc<DmaRegion>> {
+        self.regions.get(&iova).cloned()
+    }
+
     /// Split the device access `[iova, iova + len)` into per-region segments,
     /// in `O(log n + segments)`.
     ///

@@ -396,6 +396,7 @@ impl Dispatcher {
                     tracing::debug!(device = %self.name, error = %e, "DMA_MAP failed");
                     e.errno()
                 })?;
+                let (iova, size) = (map.address, map.size);
                 let memory = Arc::clone(self.memory()?);
                 let replaced = memory.with_table(|t| t.insert(region)).map_err(|e| {
                     tracing::debug!(device = %self.name, error = %e, "DMA_MAP rejected");
@@ -403,6 +404,15 @@ impl Dispatcher {
                 })?;
                 if let Some(old) = replaced {
                     old.drained().await;
+                    self.device.dma_unmapped(&old);
+                }
+                let added = memory.with_table(|t| t.get(iova)).ok_or(Errno::EIO)?;
+                if let Err(e) = self.device.dma_mapped(&added) {
+                    tracing::warn!(device = %self.name, iova = format_args!("{iova:#x}"), size, error = %e, "device refused a DMA map");
+                    if let Ok(r) = memory.with_table(|t| t.remove(iova, size)) {
+                        r.drained().await;
+                    }
+                    return Err(e.errno());
                 }
                 Ok(Answer::empty())
             }
@@ -421,6 +431,7 @@ impl Dispatcher {
                 // The spec requires every reference, in-flight DMA included, gone before the reply.
                 for r in removed {
                     r.drained().await;
+                    self.device.dma_unmapped(&r);
                 }
                 Ok(Answer::bytes(unmap.as_bytes().to_vec()))
             }

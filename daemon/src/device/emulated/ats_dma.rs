@@ -174,13 +174,14 @@ fn build_config_space() -> ConfigSpace {
         msi + 4,
         &[0xfc, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
     );
-    // PCI Express v2 endpoint, max payload 256, ATS-relevant bits left to the extended caps.
+    // PCI Express v2 endpoint, max payload 256, a 2.5 GT/s x1 link that is up. `exp` is the
+    // body after the id/next bytes, so register offset R of the capability is exp[R - 2].
     let mut exp = vec![0u8; 0x3a];
-    exp[0..2].copy_from_slice(&0x0002u16.to_le_bytes());
-    exp[2..6].copy_from_slice(&0x0000_8001u32.to_le_bytes());
-    exp[0x0a..0x0e].copy_from_slice(&0x0041_0411u32.to_le_bytes());
-    exp[0x0e..0x10].copy_from_slice(&0x0011u16.to_le_bytes());
-    exp[0x22..0x26].copy_from_slice(&(1u32 << 16).to_le_bytes());
+    let at = |r: usize| r - 2;
+    exp[at(0x02)..at(0x04)].copy_from_slice(&0x0002u16.to_le_bytes());
+    exp[at(0x04)..at(0x08)].copy_from_slice(&0x0000_8001u32.to_le_bytes());
+    exp[at(0x0c)..at(0x10)].copy_from_slice(&0x0041_0411u32.to_le_bytes());
+    exp[at(0x12)..at(0x14)].copy_from_slice(&0x0011u16.to_le_bytes());
     let pcie = b.standard_capability(CAP_ID_EXP, &exp);
     b.writable(pcie + 8, &0x7cffu16.to_le_bytes());
     b.writable(pcie + 0x10, &0x01c3u16.to_le_bytes());
@@ -583,6 +584,18 @@ mod tests {
             assert!(chain.find_extended(id).is_some(), "extended cap {id:#x}");
         }
         assert_eq!(cs.u16_at(0), VENDOR_ID);
+        let exp = chain.find_standard(CAP_ID_EXP).unwrap();
+        assert_eq!(
+            cs.u16_at(exp + 0x10),
+            0,
+            "Link Control: link enabled, nothing set"
+        );
+        assert_eq!(cs.u16_at(exp + 0x12), 0x0011, "Link Status: 2.5 GT/s, x1");
+        assert_eq!(
+            cs.u16_at(exp + 0x02) & 0xf0,
+            0,
+            "port type: PCI Express endpoint"
+        );
     }
 
     #[tokio::test]

@@ -1,0 +1,36 @@
+# Sourced by the demo and test scripts: installs what a fresh Debian machine lacks.
+# Only missing tools are installed; nothing happens on a machine that already has them.
+
+vfud_sudo() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+vfud_need_apt() {
+    # $@: Debian package names to install if absent.
+    missing=""
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"
+    done
+    if [ -n "$missing" ]; then
+        echo ">> installing Debian packages:$missing"
+        vfud_sudo apt-get update -qq
+        # shellcheck disable=SC2086
+        DEBIAN_FRONTEND=noninteractive vfud_sudo apt-get install -y -qq $missing
+    fi
+}
+
+vfud_prereqs() {
+    if ! command -v cc >/dev/null 2>&1; then
+        vfud_need_apt gcc libc6-dev
+    fi
+    if ! command -v cargo >/dev/null 2>&1; then
+        # Debian's toolchain is new enough (rust-version in Cargo.toml); rustup works too.
+        vfud_need_apt cargo rustc
+    fi
+    if ! cargo fmt --version >/dev/null 2>&1; then
+        command -v rustup >/dev/null 2>&1 && rustup component add rustfmt || vfud_need_apt rustfmt
+    fi
+    if ! cargo clippy --version >/dev/null 2>&1; then
+        command -v rustup >/dev/null 2>&1 && rustup component add clippy || vfud_need_apt rust-clippy
+    fi
+}
