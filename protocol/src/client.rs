@@ -141,6 +141,11 @@ impl Client {
     /// Connects without negotiating, for tests that send VERSION themselves or misbehave.
     pub fn connect_raw(path: &Path, opts: ClientOptions) -> Result<Client, ClientError> {
         let sock = UnixStream::connect(path).map_err(ClientError::Connect)?;
+        Client::from_stream(sock, opts)
+    }
+
+    /// Wraps an already connected socket (e.g. one end of a socketpair) without negotiating.
+    pub fn from_stream(sock: UnixStream, opts: ClientOptions) -> Result<Client, ClientError> {
         sock.set_read_timeout(Some(opts.timeout))
             .map_err(ClientError::Configure)?;
         sock.set_write_timeout(Some(opts.timeout))

@@ -599,7 +599,6 @@ impl Dispatcher {
                 let _ = t.await;
             }
             lock_pending(&self.pending).clear();
-            self.device.detach();
             let regions = memory.with_table(|t| t.remove_all());
             let count = regions.len();
             for r in regions {
@@ -609,7 +608,9 @@ impl Dispatcher {
                 {
                     tracing::error!(device = %self.name, iova = format_args!("{:#x}", r.iova), "in-flight DMA did not drain within 5 s");
                 }
+                self.device.dma_unmapped(&r);
             }
+            self.device.detach();
             tracing::debug!(device = %self.name, maps = count, "DMA maps released");
         } else {
             self.device.detach();
@@ -677,5 +678,120 @@ pub async fn serve(
         messages: d.messages,
         error_replies: d.error_replies,
         end,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::{DeviceError, DeviceInfo, RegionSpec};
+    use vfu_protocol::client::{Client, ClientOptions};
+    use vfu_protocol::request::SetIrqsRequest;
+
+    /// Records DMA notifications and refuses maps at [`REFUSED_IOVA`].
+    #[derive(Default)]
+    struct FakeDevice {
+        events: Mutex<Vec<String>>,
+    }
+
+    const REFUSED_IOVA: u64 = 0xbad000;
+
+    impl FakeDevice {
+        fn log(&self, e: String) {
+            self.events.lock().unwrap().push(e);
+        }
+    }
+
+    impl Device for FakeDevice {
+        fn info(&self) -> DeviceInfo {
+            DeviceInfo {
+                flags: wire::DEVICE_FLAG_PCI,
+                num_regions: 9,
+                num_irqs: 5,
+            }
+        }
+        fn region(&self, _index: u32) -> Option<RegionSpec> {
+            None
+        }
+        fn region_read(&self, index: u32, _: u64, _: &mut [u8]) -> Result<(), DeviceError> {
+            Err(DeviceError::CheckRegion { index })
+        }
+        fn region_write(&self, index: u32, _: u64, _: &[u8]) -> Result<(), DeviceError> {
+            Err(DeviceError::CheckRegion { index })
+        }
+        fn irq_info(&self, _index: u32) -> Option<(u32, u32)> {
+            None
+        }
+        fn set_irqs(&self, _request: SetIrqsRequest) -> Result<(), DeviceError> {
+            Err(DeviceError::Unsupported)
+        }
+        fn reset(&self) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn attach(&self, _memory: Arc<GuestMemory>) {
+            self.log("attach".into());
+        }
+        fn detach(&self) {
+            self.log("detach".into());
+        }
+        fn dma_mapped(&self, region: &DmaRegion) -> Result<(), DeviceError> {
+            if region.iova == REFUSED_IOVA {
+                return Err(DeviceError::Unsupported);
+            }
+            self.log(format!("map {:#x}", region.iova));
+            Ok(())
+        }
+        fn dma_unmapped(&self, region: &DmaRegion) {
+            self.log(format!("unmap {:#x}", region.iova));
+        }
+    }
+
+    #[test]
+    fn dma_notifications_roll_back_refused_maps_and_follow_the_client() {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let device = Arc::new(FakeDevice::default());
+        let served = Arc::clone(&device);
+        let server = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                theirs.set_nonblocking(true).unwrap();
+                let stream = UnixStream::from_std(theirs).unwrap();
+                let (_tx, rx) = watch::channel(false);
+                serve("fake", stream, served, &ServerLimits::default(), rx).await
+            })
+        });
+        let mut c = Client::from_stream(ours, ClientOptions::default()).unwrap();
+        c.negotiate().unwrap();
+        let rw = wire::DMA_MAP_FLAG_READ | wire::DMA_MAP_FLAG_WRITE;
+        c.dma_map(0x1000, 0x1000, rw, None).unwrap();
+        let refused = c.dma_map(REFUSED_IOVA, 0x1000, rw, None).unwrap_err();
+        assert_eq!(refused.server_errno(), Some(Errno::ENOTSUP));
+        // The refused map was rolled back: it cannot be unmapped, and the range is free again.
+        assert_eq!(
+            c.dma_unmap(REFUSED_IOVA, 0x1000, 0)
+                .unwrap_err()
+                .server_errno(),
+            Some(Errno::ENOENT)
+        );
+        c.dma_map(0x2000, 0x1000, rw, None).unwrap();
+        c.dma_unmap(0x1000, 0x1000, 0).unwrap();
+        drop(c);
+        let summary = server.join().unwrap();
+        assert_eq!(summary.end, EndReason::ClientClosed);
+        let events = device.events.lock().unwrap().clone();
+        assert_eq!(
+            events,
+            [
+                "attach",
+                "map 0x1000",
+                "map 0x2000",
+                "unmap 0x1000",
+                "unmap 0x2000",
+                "detach"
+            ]
+        );
     }
 }
