@@ -241,7 +241,7 @@ impl Client {
     pub fn recv_frame(&mut self) -> Result<Frame, ClientError> {
         loop {
             let mut fds = Vec::new();
-            let max_fds = self.decoder.limits().max_fds.max(1);
+            let max_fds = self.decoder.limits().max_fds;
             let buf = self.decoder.read_buf();
             let n = match fdio::recv_with_fds(self.sock.as_fd(), buf, &mut fds, max_fds) {
                 Ok(r) => {

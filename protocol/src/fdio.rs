@@ -15,6 +15,11 @@ use nix::sys::socket::{self, ControlMessage, ControlMessageOwned, MsgFlags};
 /// Hard ceiling on fds accepted in one message, whatever was negotiated.
 pub const MAX_FDS_PER_MESSAGE: usize = 1024;
 
+/// The kernel's limit on fds in one SCM_RIGHTS message (`SCM_MAX_FD`). The control buffer is
+/// always sized for it, so the kernel never truncates (truncated fds would be installed in our
+/// table but unreachable, i.e. leaked); a message over our own limit is refused after receipt.
+const SCM_MAX_FD: usize = 253;
+
 /// Why a send or receive failed.
 #[derive(Debug, thiserror::Error)]
 pub enum FdIoError {
@@ -40,8 +45,8 @@ pub fn recv_with_fds(
     fds: &mut Vec<OwnedFd>,
     max_fds: usize,
 ) -> Result<Received, FdIoError> {
-    let max_fds = max_fds.clamp(1, MAX_FDS_PER_MESSAGE);
-    let mut cmsg = vec![0u8; nix::sys::socket::cmsg_space::<RawFd>() * max_fds + 64];
+    let max_fds = max_fds.min(MAX_FDS_PER_MESSAGE);
+    let mut cmsg = vec![0u8; nix::sys::socket::cmsg_space::<RawFd>() * SCM_MAX_FD + 64];
     let mut iov = [IoSliceMut::new(buf)];
     let msg = socket::recvmsg::<()>(
         sock.as_raw_fd(),

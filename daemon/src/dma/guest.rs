@@ -121,6 +121,14 @@ impl GuestMemory {
                             source,
                         })?;
                 }
+                DmaBacking::File(file) => {
+                    file.read_at(seg.offset, chunk)
+                        .map_err(|source| DmaError::FileAccess {
+                            iova: seg.iova,
+                            len: seg.len,
+                            source,
+                        })?;
+                }
                 DmaBacking::Message => message_read(port.as_ref(), seg.iova, chunk).await?,
             }
         }
@@ -149,6 +157,14 @@ impl GuestMemory {
                             source,
                         }
                     })?;
+                }
+                DmaBacking::File(file) => {
+                    file.write_at(seg.offset, chunk)
+                        .map_err(|source| DmaError::FileAccess {
+                            iova: seg.iova,
+                            len: seg.len,
+                            source,
+                        })?;
                 }
                 DmaBacking::Message => message_write(port.as_ref(), seg.iova, chunk).await?,
             }

@@ -9,6 +9,8 @@ use std::sync::Arc;
 use nix::errno::Errno;
 use tokio::sync::Notify;
 
+use super::file::{FileRegion, FileRegionError};
+
 use super::mmap::{MappedRegion, MmapError};
 
 /// Errors of DMA region bookkeeping and guest memory access.
@@ -80,6 +82,20 @@ pub enum DmaError {
     },
     /// Copying to or from a mapped region failed (an internal invariant
     /// violation; regions are validated on insertion).
+    #[error("the fd for iova {iova:#x} size {size:#x} cannot back a DMA map")]
+    OpenFile {
+        iova: u64,
+        size: u64,
+        #[source]
+        source: FileRegionError,
+    },
+    #[error("failed to access file-backed guest memory for {len:#x} bytes at iova {iova:#x}")]
+    FileAccess {
+        iova: u64,
+        len: u64,
+        #[source]
+        source: FileRegionError,
+    },
     #[error("failed to access mapped guest memory for {len:#x} bytes at iova {iova:#x}")]
     MappedAccess {
         /// Start of the access.
@@ -123,7 +139,10 @@ impl DmaError {
                 MmapError::Map { source, .. } | MmapError::Stat(source) => *source,
                 _ => Errno::EINVAL,
             },
-            Self::Unmapped { .. } | Self::MappedAccess { .. } => Errno::EFAULT,
+            Self::OpenFile { .. } => Errno::EINVAL,
+            Self::Unmapped { .. } | Self::MappedAccess { .. } | Self::FileAccess { .. } => {
+                Errno::EFAULT
+            }
             Self::AccessDenied { .. } => Errno::EPERM,
             Self::MessageDmaUnavailable { .. } | Self::MessageDmaFailed { .. } => Errno::EIO,
         }
@@ -158,8 +177,10 @@ impl DmaProt {
 /// How the bytes of a region are reached.
 #[derive(Debug)]
 pub enum DmaBacking {
-    /// The client passed an fd; we access its memory directly.
+    /// The client passed an fd sealed against shrinking; we access its memory directly.
     Mapped(MappedRegion),
+    /// The client passed an fd it could shrink; accessed with pread/pwrite (see `dma::file`).
+    File(FileRegion),
     /// No fd: every access becomes a DMA_READ/DMA_WRITE message to the client.
     Message,
 }
@@ -215,6 +236,11 @@ impl DmaRegion {
         offset: u64,
     ) -> Result<Self, DmaError> {
         last_of(iova, size).ok_or(DmaError::InvalidRange { iova, size })?;
+        if !super::file::sealed_against_shrink(&fd) {
+            let file = FileRegion::new(&fd, offset, size, prot)
+                .map_err(|source| DmaError::OpenFile { iova, size, source })?;
+            return Ok(Self::new(iova, size, prot, DmaBacking::File(file)));
+        }
         let mapped = MappedRegion::map(fd, offset, size, prot)
             .map_err(|source| DmaError::Mmap { iova, size, source })?;
         Ok(Self::new(iova, size, prot, DmaBacking::Mapped(mapped)))
@@ -328,10 +354,13 @@ impl DmaMapTable {
     pub fn insert(&mut self, region: DmaRegion) -> Result<Option<Arc<DmaRegion>>, DmaError> {
         let (iova, size) = (region.iova, region.size);
         let last = last_of(iova, size).ok_or(DmaError::InvalidRange { iova, size })?;
-        if let DmaBacking::Mapped(mapped) = &region.backing {
-            if mapped.len() != size {
-                return Err(DmaError::InvalidRange { iova, size });
-            }
+        let backing_len = match &region.backing {
+            DmaBacking::Mapped(mapped) => Some(mapped.len()),
+            DmaBacking::File(file) => Some(file.len()),
+            DmaBacking::Message => None,
+        };
+        if backing_len.is_some_and(|l| l != size) {
+            return Err(DmaError::InvalidRange { iova, size });
         }
 
         if let Some(existing) = self.regions.get_mut(&iova) {
@@ -661,8 +690,26 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, DmaError::InvalidRange { .. }));
         let region = DmaRegion::map_fd(0x0, 0x2000, RW, &fd, 0).unwrap();
+        assert!(
+            matches!(region.backing, DmaBacking::File(_)),
+            "unsealed fds are never mapped"
+        );
         t.insert(region).unwrap();
         let e = DmaRegion::map_fd(0x0, 0x3000, RW, &fd, 0).unwrap_err();
+        assert!(matches!(e, DmaError::OpenFile { .. }));
+        assert_eq!(e.errno(), Errno::EINVAL);
+
+        let sealed = memfd_create(c"vfud-table-test", MemFdCreateFlag::MFD_ALLOW_SEALING).unwrap();
+        nix::unistd::ftruncate(&sealed, 0x2000).unwrap();
+        use std::os::fd::AsRawFd;
+        let seal = nix::fcntl::FcntlArg::F_ADD_SEALS(nix::fcntl::SealFlag::F_SEAL_SHRINK);
+        nix::fcntl::fcntl(sealed.as_raw_fd(), seal).unwrap();
+        let region = DmaRegion::map_fd(0x0, 0x2000, RW, &sealed, 0).unwrap();
+        assert!(
+            matches!(region.backing, DmaBacking::Mapped(_)),
+            "shrink-sealed fds are mapped"
+        );
+        let e = DmaRegion::map_fd(0x0, 0x3000, RW, &sealed, 0).unwrap_err();
         assert!(matches!(e, DmaError::Mmap { .. }));
         assert_eq!(e.errno(), Errno::EINVAL);
     }

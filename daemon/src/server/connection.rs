@@ -169,6 +169,18 @@ async fn read_loop(
                 continue;
             }
             Ok(Decoded::Frame(f)) => Inbound::Command(f),
+            Ok(Decoded::Rejected(h, why)) if h.flags & wire::FLAG_TYPE_MASK == FLAG_TYPE_REPLY => {
+                // Never answer a reply. If it was for one of our requests, fail that request
+                // now instead of letting it wait for its timeout.
+                let waiting = lock_pending(&pending).remove(&h.msg_id).is_some();
+                tracing::warn!(
+                    msg_id = h.msg_id,
+                    ?why,
+                    waiting,
+                    "dropping a reply refused while framing"
+                );
+                continue;
+            }
             Ok(Decoded::Rejected(h, why)) => Inbound::Rejected(h, why),
             Err(e) => break EndReason::Unframable(e.to_string()),
         };
@@ -456,8 +468,20 @@ impl Dispatcher {
                     return Err(Errno::EINVAL);
                 }
                 let spec = self.device.region(index).ok_or(Errno::EINVAL)?;
-                let (payload, with_caps) = reply::region_info(argsz, &spec.description);
-                let fd = if with_caps && spec.description.flags & wire::REGION_FLAG_MMAP != 0 {
+                let mut description = spec.description;
+                let takes_fds = self
+                    .negotiated
+                    .as_ref()
+                    .is_some_and(|n| n.client_max_msg_fds >= 1);
+                if !takes_fds && description.flags & wire::REGION_FLAG_MMAP != 0 {
+                    // A client that accepts no fds cannot mmap: describe the region as trapped.
+                    description.flags &= !wire::REGION_FLAG_MMAP;
+                    description
+                        .caps
+                        .retain(|c| !matches!(c, reply::RegionCap::SparseMmap(_)));
+                }
+                let (payload, with_caps) = reply::region_info(argsz, &description);
+                let fd = if with_caps && description.flags & wire::REGION_FLAG_MMAP != 0 {
                     spec.fd
                 } else {
                     None

@@ -58,10 +58,30 @@ pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
         })?;
         tracing::info!(socket = %path.display(), "replaced a stale socket");
     }
-    UnixListener::bind(path).map_err(|source| SocketError::Bind {
-        path: path.to_path_buf(),
-        source,
-    })
+    // Bind and listen under a temporary name, then rename into place: a client that polls for
+    // the path never finds a socket that is not listening yet.
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let listener = match UnixListener::bind(&tmp) {
+        Ok(l) => l,
+        // The longer temporary name may not fit in sun_path; bind the real name directly.
+        Err(_) => {
+            return UnixListener::bind(path).map_err(|source| SocketError::Bind {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    if let Err(source) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(SocketError::Bind {
+            path: path.to_path_buf(),
+            source,
+        });
+    }
+    Ok(listener)
 }
 
 /// Removes the socket file; a missing file is fine.
