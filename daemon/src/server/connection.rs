@@ -31,8 +31,9 @@ use zerocopy::{FromBytes, IntoBytes};
 use crate::device::{check_region_access, Device};
 use crate::dma::{DmaBacking, DmaProt, DmaRegion, GuestMemory, MessageDmaRequest};
 
-/// Commands queued between the reader and the dispatcher; the reader stops reading when full.
-const COMMAND_QUEUE: usize = 256;
+/// Commands queued between the reader and the dispatcher; the reader stops reading when full,
+/// which bounds what one client can make us buffer to this many maximum-size messages.
+const COMMAND_QUEUE: usize = 32;
 /// How long a server-initiated DMA request waits for the client's reply.
 const MESSAGE_DMA_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a reply may wait for the client to drain its socket before we give up on it.
