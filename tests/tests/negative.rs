@@ -979,3 +979,57 @@ fn garbage_after_negotiation_gets_replies_or_a_close_never_a_hang() {
     drop(c);
     d.assert_serving();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Process-wide resources a client must not be able to exhaust.
+
+#[test]
+fn thousands_of_maps_of_one_file_hold_no_fds() {
+    let mut d = Daemon::start();
+    let mut c = d.client();
+    let before = d.fd_count();
+    let ram = GuestRam::new(0x10000);
+    for i in 0..3000u64 {
+        c.dma_map(
+            0x1_0000_0000 + i * 0x10000,
+            0x1000,
+            DMA_RW,
+            Some((ram.fd(), (i % 16) * 0x1000)),
+        )
+        .unwrap();
+    }
+    assert_eq!(d.fd_count(), before, "DMA maps must not keep one fd each");
+    // They all work: DMA into the last one lands in the file.
+    let last = 0x1_0000_0000 + 2999 * 0x10000;
+    ats_dma::start(&mut c, OP_FILL, 0, last, 4, 0x0102_0304, false);
+    assert_eq!(ats_dma::wait_idle(&mut c), (STATUS_DONE, 0));
+    assert_eq!(ram.read((2999 % 16) * 0x1000, 4), vec![4, 3, 2, 1]);
+    drop(c);
+    d.assert_serving();
+}
+
+#[test]
+fn distinct_backing_files_are_capped_with_enospc() {
+    let mut d = Daemon::start();
+    let mut c = d.client();
+    let mut rams = Vec::new();
+    let mut refused = None;
+    for i in 0..1100u64 {
+        let ram = GuestRam::new(0x1000);
+        match c.dma_map(i * 0x1000, 0x1000, DMA_RW, Some((ram.fd(), 0))) {
+            Ok(()) => rams.push(ram),
+            Err(e) => {
+                refused = Some((i, e.server_errno()));
+                break;
+            }
+        }
+    }
+    assert_eq!(refused, Some((1024, Some(Errno::ENOSPC))));
+    // Unmapping one frees a slot.
+    c.dma_unmap(0, 0x1000, 0).unwrap();
+    let ram = GuestRam::new(0x1000);
+    c.dma_map(0x1_0000_0000, 0x1000, DMA_RW, Some((ram.fd(), 0)))
+        .unwrap();
+    drop(c);
+    d.assert_serving();
+}

@@ -121,14 +121,6 @@ impl GuestMemory {
                             source,
                         })?;
                 }
-                DmaBacking::File(file) => {
-                    file.read_at(seg.offset, chunk)
-                        .map_err(|source| DmaError::FileAccess {
-                            iova: seg.iova,
-                            len: seg.len,
-                            source,
-                        })?;
-                }
                 DmaBacking::Message => message_read(port.as_ref(), seg.iova, chunk).await?,
             }
         }
@@ -157,14 +149,6 @@ impl GuestMemory {
                             source,
                         }
                     })?;
-                }
-                DmaBacking::File(file) => {
-                    file.write_at(seg.offset, chunk)
-                        .map_err(|source| DmaError::FileAccess {
-                            iova: seg.iova,
-                            len: seg.len,
-                            source,
-                        })?;
                 }
                 DmaBacking::Message => message_write(port.as_ref(), seg.iova, chunk).await?,
             }
@@ -374,7 +358,8 @@ mod tests {
         let gm = GuestMemory::new(8);
         gm.with_table(|t| {
             // IOVA 0x0..0x1000 is file offset 0x1000..0x2000.
-            t.insert(DmaRegion::map_fd(0x0, 0x1000, RW, &fd, 0x1000).unwrap())?;
+            let r = t.map_fd(0x0, 0x1000, RW, &fd, 0x1000).unwrap();
+            t.insert(r)?;
             t.insert(DmaRegion::new(0x1000, 0x1000, RW, DmaBacking::Message))
         })
         .unwrap();

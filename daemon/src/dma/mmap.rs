@@ -1,23 +1,31 @@
 //! Memory-mapping wrapper for client-provided DMA file descriptors.
 //!
-//! This is the only file of the `dma` module that contains `unsafe` code. The
-//! mapped memory is shared with the client process (the VMM and its guest),
-//! which may modify it at any time. We therefore never create Rust references
-//! (`&[u8]` / `&mut [u8]`) into the mapping: every access is a raw byte copy
-//! between the mapping and a buffer owned by the caller. Concurrent
-//! modification by the other side can only produce "torn" data, exactly like a
-//! real device racing with the CPU on guest RAM.
+//! This is the only file of the `dma` module that contains `unsafe` code, and only `mmap` and
+//! `munmap` are unsafe here. The mapped memory is shared with the client process (the VMM and
+//! its guest), which may modify it, or shrink the file under it, at any time. So we never touch
+//! the mapping with loads and stores at all: every access is a `process_vm_readv` /
+//! `process_vm_writev` on our own pid. The kernel copies through the page tables and answers
+//! `EFAULT` where a load or store would have raised SIGBUS (a truncated memfd, a hole punched in a
+//! hugetlbfs file), so no client can kill the daemon through its memory. It also works for every
+//! file type (hugetlbfs refuses `pwrite`), and no Rust reference into the mapping ever exists.
+//!
+//! One [`MappedFile`] maps a whole backing file once per connection ([`MappingCache`]); each
+//! DMA_MAP is a [`MappedRegion`] view into it. This bounds the mappings (and holds no fds at all:
+//! the mapping keeps the file alive) however many DMA_MAPs a client sends, so one client cannot
+//! exhaust the process's fd table or map count and take the other devices down.
 
+use std::collections::HashMap;
 use std::ffi::c_void;
 use std::num::NonZeroUsize;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::ptr::NonNull;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock, Weak};
 
 use nix::errno::Errno;
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 use nix::sys::stat::{fstat, SFlag};
-use nix::unistd::{sysconf, SysconfVar};
+use nix::sys::uio::{process_vm_readv, process_vm_writev, RemoteIoVec};
+use nix::unistd::{sysconf, Pid, SysconfVar};
 
 use super::table::DmaProt;
 
@@ -75,6 +83,24 @@ pub enum MmapError {
         /// Whether a write (rather than a read) was attempted.
         write: bool,
     },
+    /// The kernel refused the copy: the client shrank the file or punched a hole under a
+    /// live map.
+    #[error("copying {len:#x} bytes at offset {offset:#x} of the mapping failed")]
+    Access {
+        /// Offset of the access into the region.
+        offset: u64,
+        /// Length of the access.
+        len: u64,
+        /// Error returned by the kernel (EFAULT for vanished pages).
+        #[source]
+        source: Errno,
+    },
+    /// The connection already maps as many distinct backing files as allowed.
+    #[error("the client already maps {max} distinct files for DMA")]
+    TooManyFiles {
+        /// The limit.
+        max: usize,
+    },
     /// A zero-length mapping was requested.
     #[error("cannot map zero bytes")]
     ZeroLength,
@@ -93,6 +119,8 @@ impl MmapError {
     pub fn errno(&self) -> Errno {
         match self {
             Self::Map { source, .. } | Self::Stat(source) => *source,
+            Self::Access { .. } => Errno::EFAULT,
+            Self::TooManyFiles { .. } => Errno::ENOSPC,
             Self::OutOfBounds { .. } => Errno::EFAULT,
             Self::AccessDenied { .. } => Errno::EPERM,
             Self::BeyondEndOfFile { .. } | Self::ZeroLength | Self::LengthOverflow { .. } => {
@@ -114,70 +142,227 @@ fn page_size() -> u64 {
     })
 }
 
-/// A `MAP_SHARED` mapping of `len` bytes of a file descriptor starting at an
-/// arbitrary file offset.
+/// One `MAP_SHARED` mapping of a file descriptor, from a granule-aligned file offset.
 ///
-/// Why: DMA_MAP hands us an fd plus an offset that need not be page aligned;
-/// the kernel only maps at granule-aligned offsets, so we map from the
-/// aligned-down offset and remember the `delta` to the requested start.
-///
-/// Invariants:
-/// - `base` points to a live mapping of exactly `map_len` bytes owned by this
-///   value (unmapped in `Drop`, nowhere else);
-/// - `delta + len <= map_len`, so `[delta, delta + len)` is inside it;
-/// - the mapping was created with at least the protection in `prot`, and
-///   accesses are only performed if `prot` allows them;
-/// - no Rust reference into the mapping is ever created (raw copies only).
-///
-/// The mapping stays valid after the caller closes the fd.
+/// Invariants: `base` points to a live mapping of exactly `map_len` bytes owned by this value
+/// (unmapped in `Drop`, nowhere else); it maps file offsets `[file_start, file_start + map_len)`;
+/// it was created readable, and writable iff `writable`. Nothing ever loads from or stores to it
+/// directly (see the module documentation).
 #[derive(Debug)]
-pub struct MappedRegion {
+pub struct MappedFile {
     base: NonNull<c_void>,
     map_len: usize,
-    delta: usize,
+    file_start: u64,
+    writable: bool,
+}
+
+// SAFETY: `MappedFile` exclusively owns its mapping (only `Drop` unmaps it) and the address is
+// only handed to the kernel in process_vm_readv/writev; a process-wide mapping can be used and
+// unmapped from any thread.
+unsafe impl Send for MappedFile {}
+
+// SAFETY: `&MappedFile` only allows kernel-mediated copies, which are safe to run concurrently
+// (the other process races with them anyway, like a device with a CPU), and no reference into
+// the mapping is ever formed.
+unsafe impl Sync for MappedFile {}
+
+/// Granule of `fd`'s mappings: the page size, or the fd's block size when that is a larger power
+/// of two (hugetlbfs reports its huge page size there).
+fn granule(stat: &nix::sys::stat::FileStat) -> u64 {
+    let page = page_size();
+    u64::try_from(stat.st_blksize)
+        .ok()
+        .filter(|b| b.is_power_of_two() && *b > page && *b <= MAX_GRANULE)
+        .unwrap_or(page)
+}
+
+impl MappedFile {
+    /// Maps file offsets `[offset, offset + len)` of `fd` (rounded out to the granule), writable
+    /// if the fd allows it, else read-only.
+    fn map(
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        len: u64,
+        granule: u64,
+    ) -> Result<MappedFile, MmapError> {
+        let overflow = || MmapError::LengthOverflow { len, offset };
+        if len == 0 {
+            return Err(MmapError::ZeroLength);
+        }
+        let file_start = offset - offset % granule;
+        let end = offset.checked_add(len).ok_or_else(overflow)?;
+        let map_len = end
+            .checked_next_multiple_of(granule)
+            .map(|e| e - file_start)
+            .and_then(|l| usize::try_from(l).ok())
+            .filter(|l| isize::try_from(*l).is_ok())
+            .and_then(NonZeroUsize::new)
+            .ok_or_else(overflow)?;
+        let file_offset = i64::try_from(file_start).map_err(|_| overflow())?;
+        let mut last = Errno::EINVAL;
+        for writable in [true, false] {
+            let prot = if writable {
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE
+            } else {
+                ProtFlags::PROT_READ
+            };
+            // SAFETY: a fresh mapping at a kernel-chosen address (`addr` is None) replaces no
+            // existing memory; the result is owned by the returned value and only ever used as
+            // an address for process_vm_readv/writev.
+            match unsafe { mmap(None, map_len, prot, MapFlags::MAP_SHARED, fd, file_offset) } {
+                Ok(base) => {
+                    return Ok(MappedFile {
+                        base,
+                        map_len: map_len.get(),
+                        file_start,
+                        writable,
+                    })
+                }
+                // A read-only fd refuses a writable shared mapping; retry read-only.
+                Err(Errno::EACCES) if writable => last = Errno::EACCES,
+                Err(source) => {
+                    return Err(MmapError::Map {
+                        len,
+                        offset,
+                        source,
+                    })
+                }
+            }
+        }
+        Err(MmapError::Map {
+            len,
+            offset,
+            source: last,
+        })
+    }
+
+    /// Whether file offsets `[offset, offset + len)` lie inside this mapping.
+    fn covers(&self, offset: u64, len: u64) -> bool {
+        offset >= self.file_start
+            && offset
+                .checked_add(len)
+                .is_some_and(|end| end - self.file_start <= self.map_len as u64)
+    }
+
+    /// Address of file offset `offset` (which [`Self::covers`] accepted).
+    fn address(&self, offset: u64) -> usize {
+        self.base.as_ptr() as usize + (offset - self.file_start) as usize
+    }
+}
+
+impl Drop for MappedFile {
+    fn drop(&mut self) {
+        // SAFETY: `base`/`map_len` describe the mapping created in `map`, owned by `self` and
+        // unmapped only here; nothing holds its address any more (regions keep an Arc to us).
+        if let Err(errno) = unsafe { munmap(self.base, self.map_len) } {
+            tracing::warn!(%errno, len = self.map_len, "munmap of DMA region failed");
+        }
+    }
+}
+
+/// The mappings of one connection, one per backing file, so any number of DMA_MAPs of the same
+/// file (QEMU sends several per RAM block) share one mapping and hold no fd.
+#[derive(Debug)]
+pub struct MappingCache {
+    files: HashMap<(u64, u64), Weak<MappedFile>>,
+    max_files: usize,
+}
+
+impl MappingCache {
+    /// A cache allowing at most `max_files` distinct backing files at once.
+    pub fn new(max_files: usize) -> MappingCache {
+        MappingCache {
+            files: HashMap::new(),
+            max_files,
+        }
+    }
+
+    /// Distinct backing files currently mapped.
+    pub fn len(&self) -> usize {
+        self.files.values().filter(|w| w.strong_count() > 0).count()
+    }
+
+    /// Whether no file is mapped.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A DMA map: `len` bytes of a client file from file offset `offset`, as a view into a shared
+/// [`MappedFile`], with the protection the client granted.
+#[derive(Debug)]
+pub struct MappedRegion {
+    file: Arc<MappedFile>,
+    offset: u64,
     len: u64,
     prot: DmaProt,
 }
 
-// SAFETY: `MappedRegion` exclusively owns its mapping (nothing else unmaps it)
-// and the pointer is only used for raw byte copies, never to form references.
-// A process-wide mapping can be accessed and unmapped from any thread.
-unsafe impl Send for MappedRegion {}
-
-// SAFETY: `&MappedRegion` only permits raw copies in and out of the mapping.
-// The mapping is shared with another process that may write it concurrently
-// anyway, so concurrent copies from several threads add no new hazard: they
-// can at worst observe torn bytes, as documented, and never create aliasing
-// Rust references.
-unsafe impl Sync for MappedRegion {}
-
 impl MappedRegion {
-    /// Map `len` bytes of `fd` starting at file offset `offset` with the
-    /// protection `prot`.
-    ///
-    /// The offset is aligned down to the mapping granule (the system page
-    /// size, or the fd's block size if that is a larger power of two, e.g.
-    /// hugetlbfs). For regular files the range must lie within the current
-    /// file size, because touching pages past end-of-file raises `SIGBUS`.
-    /// (A client that shrinks the file afterwards can still cause that; this
-    /// is inherent to sharing memory via files.)
+    /// Maps `len` bytes of `fd` from file offset `offset` (any alignment) on its own, without
+    /// sharing. For regular files the range must lie within the current file size.
     pub fn map(fd: impl AsFd, offset: u64, len: u64, prot: DmaProt) -> Result<Self, MmapError> {
         let fd = fd.as_fd();
-        let overflow = || MmapError::LengthOverflow { len, offset };
-        let len_nz = NonZeroUsize::new(usize::try_from(len).map_err(|_| overflow())?)
-            .ok_or(MmapError::ZeroLength)?;
+        let stat = Self::check(fd, offset, len, prot)?;
+        let file = MappedFile::map(fd, offset, len, granule(&stat))?;
+        Self::view(Arc::new(file), offset, len, prot)
+    }
 
+    /// Like [`Self::map`], but reuses the connection's mapping of the same file when it covers
+    /// the range. A regular file is mapped whole, so every later map of it is a view.
+    pub fn map_shared(
+        cache: &mut MappingCache,
+        fd: impl AsFd,
+        offset: u64,
+        len: u64,
+        prot: DmaProt,
+    ) -> Result<Self, MmapError> {
+        let fd = fd.as_fd();
+        let stat = Self::check(fd, offset, len, prot)?;
+        let regular = SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT == SFlag::S_IFREG;
+        if !regular {
+            return Self::map(fd, offset, len, prot);
+        }
+        let key = (stat.st_dev, stat.st_ino);
+        cache.files.retain(|_, w| w.strong_count() > 0);
+        if let Some(file) = cache.files.get(&key).and_then(Weak::upgrade) {
+            if file.covers(offset, len) && (file.writable || !prot.write) {
+                return Self::view(file, offset, len, prot);
+            }
+        } else if cache.files.len() >= cache.max_files {
+            return Err(MmapError::TooManyFiles {
+                max: cache.max_files,
+            });
+        }
+        // New file, or one that grew past (or is more writable than) its current mapping:
+        // map it whole. Regions of the old mapping keep it alive until they go.
+        let file_size = u64::try_from(stat.st_size).unwrap_or(0);
+        let file = Arc::new(MappedFile::map(fd, 0, file_size, granule(&stat))?);
+        cache.files.insert(key, Arc::downgrade(&file));
+        Self::view(file, offset, len, prot)
+    }
+
+    /// Validates arguments against the file: non-empty, no overflow, inside a regular file.
+    fn check(
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        len: u64,
+        prot: DmaProt,
+    ) -> Result<nix::sys::stat::FileStat, MmapError> {
+        let _ = prot;
+        if len == 0 {
+            return Err(MmapError::ZeroLength);
+        }
+        let end = offset
+            .checked_add(len)
+            .ok_or(MmapError::LengthOverflow { len, offset })?;
+        if usize::try_from(len).is_err() {
+            return Err(MmapError::LengthOverflow { len, offset });
+        }
         let stat = fstat(fd.as_raw_fd()).map_err(MmapError::Stat)?;
-        let page = page_size();
-        let granule = u64::try_from(stat.st_blksize)
-            .ok()
-            .filter(|b| b.is_power_of_two() && *b > page && *b <= MAX_GRANULE)
-            .unwrap_or(page);
-
-        let file_type = SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT;
-        if file_type == SFlag::S_IFREG {
+        let regular = SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT == SFlag::S_IFREG;
+        if regular {
             let file_size = u64::try_from(stat.st_size).unwrap_or(0);
-            let end = offset.checked_add(len).ok_or_else(overflow)?;
             if end > file_size {
                 return Err(MmapError::BeyondEndOfFile {
                     len,
@@ -186,69 +371,39 @@ impl MappedRegion {
                 });
             }
         }
+        Ok(stat)
+    }
 
-        let delta64 = offset % granule;
-        let aligned_offset = offset - delta64;
-        let file_offset = i64::try_from(aligned_offset).map_err(|_| overflow())?;
-        let delta = usize::try_from(delta64).map_err(|_| overflow())?;
-        let unrounded = delta.checked_add(len_nz.get()).ok_or_else(overflow)?;
-        let granule_usize = usize::try_from(granule).map_err(|_| overflow())?;
-        let map_len = unrounded
-            .checked_next_multiple_of(granule_usize)
-            .filter(|l| isize::try_from(*l).is_ok())
-            .and_then(NonZeroUsize::new)
-            .ok_or_else(overflow)?;
-
-        let mut prot_flags = ProtFlags::PROT_NONE;
-        if prot.read {
-            prot_flags |= ProtFlags::PROT_READ;
+    fn view(
+        file: Arc<MappedFile>,
+        offset: u64,
+        len: u64,
+        prot: DmaProt,
+    ) -> Result<Self, MmapError> {
+        if prot.write && !file.writable {
+            return Err(MmapError::AccessDenied { write: true });
         }
-        if prot.write {
-            prot_flags |= ProtFlags::PROT_WRITE;
-        }
-
-        // SAFETY: we request a fresh mapping at a kernel-chosen address
-        // (`addr` is `None`), so no existing memory is replaced. The result is
-        // owned by the returned `MappedRegion` and only accessed via raw
-        // copies within `[delta, delta + len)`, which lies inside `map_len`.
-        let base = unsafe {
-            mmap(
-                None,
-                map_len,
-                prot_flags,
-                MapFlags::MAP_SHARED,
-                fd,
-                file_offset,
-            )
-        }
-        .map_err(|source| MmapError::Map {
-            len,
+        Ok(MappedRegion {
+            file,
             offset,
-            source,
-        })?;
-
-        Ok(Self {
-            base,
-            map_len: map_len.get(),
-            delta,
             len,
             prot,
         })
     }
 
-    /// Length in bytes of the usable range (the `len` passed to [`Self::map`]).
+    /// Length in bytes of the region (the `len` it was mapped with).
     pub fn len(&self) -> u64 {
         self.len
     }
 
-    /// Always `false`: zero-length mappings are rejected by [`Self::map`].
+    /// Always `false`: zero-length maps are rejected.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
-    /// Validate an access of `count` bytes at `offset` and return a pointer
-    /// to its first byte inside the mapping.
-    fn checked_ptr(&self, offset: u64, count: usize, write: bool) -> Result<*mut u8, MmapError> {
+    /// Checks an access of `count` bytes at `at` (relative to the region) and returns the
+    /// address of its first byte.
+    fn checked_address(&self, at: u64, count: usize, write: bool) -> Result<usize, MmapError> {
         let allowed = if write {
             self.prot.write
         } else {
@@ -257,57 +412,68 @@ impl MappedRegion {
         if !allowed {
             return Err(MmapError::AccessDenied { write });
         }
-        let count64 = u64::try_from(count).unwrap_or(u64::MAX);
+        let count64 = count as u64;
         let oob = MmapError::OutOfBounds {
-            offset,
+            offset: at,
             len: count64,
             size: self.len,
         };
-        match offset.checked_add(count64) {
+        match at.checked_add(count64) {
             Some(end) if end <= self.len => {}
             _ => return Err(oob),
         }
-        // `offset < len <= map_len - delta`, so this stays inside the mapping
-        // and fits usize (the mapping size does).
-        let start = usize::try_from(offset)
-            .ok()
-            .and_then(|o| o.checked_add(self.delta))
-            .ok_or(oob)?;
-        Ok(self.base.as_ptr().cast::<u8>().wrapping_add(start))
+        // offset + len was checked against the file when mapping, so this cannot overflow.
+        let file_offset = self.offset + at;
+        if !self.file.covers(file_offset, count64) {
+            return Err(oob);
+        }
+        Ok(self.file.address(file_offset))
     }
 
-    /// Copy `buf.len()` bytes starting at `offset` (relative to the
-    /// requested file offset) out of the mapping.
-    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), MmapError> {
-        let src = self.checked_ptr(offset, buf.len(), false)?;
-        // SAFETY: `checked_ptr` verified that `[src, src + buf.len())` lies
-        // inside our live, readable mapping; `buf` is a distinct allocation
-        // owned by the caller, so the ranges do not overlap. No reference to
-        // the mapped memory is created.
-        unsafe { std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), buf.len()) };
-        Ok(())
+    /// Copies `buf.len()` bytes at `at` (relative to the region) out of guest memory.
+    pub fn read_at(&self, at: u64, buf: &mut [u8]) -> Result<(), MmapError> {
+        if buf.is_empty() {
+            return self.checked_address(at, 0, false).map(|_| ());
+        }
+        let base = self.checked_address(at, buf.len(), false)?;
+        let len = buf.len();
+        let remote = [RemoteIoVec { base, len }];
+        let mut local = [std::io::IoSliceMut::new(buf)];
+        self.finish(at, len, process_vm_readv(Pid::this(), &mut local, &remote))
     }
 
-    /// Copy `data` into the mapping starting at `offset` (relative to the
-    /// requested file offset).
-    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), MmapError> {
-        let dst = self.checked_ptr(offset, data.len(), true)?;
-        // SAFETY: `checked_ptr` verified that `[dst, dst + data.len())` lies
-        // inside our live, writable mapping; `data` is a distinct allocation
-        // owned by the caller, so the ranges do not overlap. No reference to
-        // the mapped memory is created.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
-        Ok(())
+    /// Copies `data` into guest memory at `at` (relative to the region).
+    pub fn write_at(&self, at: u64, data: &[u8]) -> Result<(), MmapError> {
+        if data.is_empty() {
+            return self.checked_address(at, 0, true).map(|_| ());
+        }
+        let base = self.checked_address(at, data.len(), true)?;
+        let remote = [RemoteIoVec {
+            base,
+            len: data.len(),
+        }];
+        let local = [std::io::IoSlice::new(data)];
+        self.finish(
+            at,
+            data.len(),
+            process_vm_writev(Pid::this(), &local, &remote),
+        )
     }
-}
 
-impl Drop for MappedRegion {
-    fn drop(&mut self) {
-        // SAFETY: `base`/`map_len` describe the mapping created in `map`,
-        // which is owned by `self` and unmapped only here; no references into
-        // it exist (we only ever made raw copies).
-        if let Err(errno) = unsafe { munmap(self.base, self.map_len) } {
-            tracing::warn!(%errno, len = self.map_len, "munmap of DMA region failed");
+    fn finish(&self, at: u64, len: usize, copied: Result<usize, Errno>) -> Result<(), MmapError> {
+        match copied {
+            Ok(n) if n == len => Ok(()),
+            // A short copy means the pages after `n` vanished.
+            Ok(_) => Err(MmapError::Access {
+                offset: at,
+                len: len as u64,
+                source: Errno::EFAULT,
+            }),
+            Err(source) => Err(MmapError::Access {
+                offset: at,
+                len: len as u64,
+                source,
+            }),
         }
     }
 }
@@ -382,6 +548,52 @@ mod tests {
             MappedRegion::map(&fd, 100, 4096, RW).unwrap_err().errno(),
             Errno::EINVAL
         );
+    }
+
+    #[test]
+    fn a_truncated_file_gives_efault_not_sigbus() {
+        let fd = memfd(2 * 4096);
+        let region = MappedRegion::map(&fd, 0, 2 * 4096, RW).expect("map");
+        region
+            .write_at(4096, b"x")
+            .expect("write before truncation");
+        ftruncate(&fd, 0).expect("truncate");
+        let err = region.read_at(4096, &mut [0u8; 1]).unwrap_err();
+        assert_eq!(err.errno(), Errno::EFAULT);
+        assert!(matches!(
+            region.write_at(0, b"y"),
+            Err(MmapError::Access { .. })
+        ));
+    }
+
+    #[test]
+    fn maps_of_one_file_share_one_mapping_and_the_cache_is_bounded() {
+        let fd = memfd(16 * 4096);
+        let mut cache = MappingCache::new(2);
+        let a = MappedRegion::map_shared(&mut cache, &fd, 0, 4096, RW).unwrap();
+        let b = MappedRegion::map_shared(&mut cache, &fd, 5 * 4096 + 7, 100, RW).unwrap();
+        assert!(Arc::ptr_eq(&a.file, &b.file));
+        assert_eq!(cache.len(), 1);
+        b.write_at(0, b"shared").unwrap();
+        let mut back = [0u8; 6];
+        pread(&fd, &mut back, 5 * 4096 + 7).unwrap();
+        assert_eq!(&back, b"shared");
+        let other = memfd(4096);
+        let _c = MappedRegion::map_shared(&mut cache, &other, 0, 4096, RW).unwrap();
+        let third = memfd(4096);
+        let e = MappedRegion::map_shared(&mut cache, &third, 0, 4096, RW).unwrap_err();
+        assert_eq!(e.errno(), Errno::ENOSPC);
+        drop((a, b));
+        assert_eq!(
+            cache.len(),
+            1,
+            "dropping the last view releases the mapping"
+        );
+        MappedRegion::map_shared(&mut cache, &third, 0, 4096, RW).unwrap();
+        // A file that grew gets a new mapping covering the new range.
+        ftruncate(&fd, 32 * 4096).unwrap();
+        let d = MappedRegion::map_shared(&mut cache, &fd, 20 * 4096, 4096, RW).unwrap();
+        d.write_at(0, b"grown").unwrap();
     }
 
     #[test]

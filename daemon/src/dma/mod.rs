@@ -18,12 +18,10 @@
 //! - [`GuestMemory`] wraps the table in a mutex that is never held across an
 //!   `.await`, plus the channel to the connection task for message DMA.
 
-mod file;
 mod guest;
 mod mmap;
 mod table;
 
-pub use file::{FileRegion, FileRegionError};
 pub use guest::{GuestMemory, MessageDmaPort, MessageDmaRequest};
-pub use mmap::{MappedRegion, MmapError};
+pub use mmap::{MappedFile, MappedRegion, MappingCache, MmapError};
 pub use table::{DmaBacking, DmaError, DmaMapTable, DmaProt, DmaRegion, DmaSegment};

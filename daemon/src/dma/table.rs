@@ -9,7 +9,7 @@ use std::sync::Arc;
 use nix::errno::Errno;
 use tokio::sync::Notify;
 
-use super::file::{FileRegion, FileRegionError};
+use super::mmap::MappingCache;
 
 use super::mmap::{MappedRegion, MmapError};
 
@@ -82,20 +82,6 @@ pub enum DmaError {
     },
     /// Copying to or from a mapped region failed (an internal invariant
     /// violation; regions are validated on insertion).
-    #[error("the fd for iova {iova:#x} size {size:#x} cannot back a DMA map")]
-    OpenFile {
-        iova: u64,
-        size: u64,
-        #[source]
-        source: FileRegionError,
-    },
-    #[error("failed to access file-backed guest memory for {len:#x} bytes at iova {iova:#x}")]
-    FileAccess {
-        iova: u64,
-        len: u64,
-        #[source]
-        source: FileRegionError,
-    },
     #[error("failed to access mapped guest memory for {len:#x} bytes at iova {iova:#x}")]
     MappedAccess {
         /// Start of the access.
@@ -135,14 +121,8 @@ impl DmaError {
             Self::MapOverlaps { .. } => Errno::EEXIST,
             Self::TooManyMaps { .. } => Errno::ENOSPC,
             Self::UnmapNotFound { .. } => Errno::ENOENT,
-            Self::Mmap { source, .. } => match source {
-                MmapError::Map { source, .. } | MmapError::Stat(source) => *source,
-                _ => Errno::EINVAL,
-            },
-            Self::OpenFile { .. } => Errno::EINVAL,
-            Self::Unmapped { .. } | Self::MappedAccess { .. } | Self::FileAccess { .. } => {
-                Errno::EFAULT
-            }
+            Self::Mmap { source, .. } => source.errno(),
+            Self::Unmapped { .. } | Self::MappedAccess { .. } => Errno::EFAULT,
             Self::AccessDenied { .. } => Errno::EPERM,
             Self::MessageDmaUnavailable { .. } | Self::MessageDmaFailed { .. } => Errno::EIO,
         }
@@ -177,10 +157,8 @@ impl DmaProt {
 /// How the bytes of a region are reached.
 #[derive(Debug)]
 pub enum DmaBacking {
-    /// The client passed an fd sealed against shrinking; we access its memory directly.
+    /// The client passed an fd; we access its memory through a shared mapping.
     Mapped(MappedRegion),
-    /// The client passed an fd it could shrink; accessed with pread/pwrite (see `dma::file`).
-    File(FileRegion),
     /// No fd: every access becomes a DMA_READ/DMA_WRITE message to the client.
     Message,
 }
@@ -224,26 +202,6 @@ impl DmaRegion {
             backing,
             in_flight: InFlight::default(),
         }
-    }
-
-    /// Build a region backed by `size` bytes of `fd` at file `offset`
-    /// (a DMA_MAP with an fd). The fd may be closed afterwards.
-    pub fn map_fd(
-        iova: u64,
-        size: u64,
-        prot: DmaProt,
-        fd: impl AsFd,
-        offset: u64,
-    ) -> Result<Self, DmaError> {
-        last_of(iova, size).ok_or(DmaError::InvalidRange { iova, size })?;
-        if !super::file::sealed_against_shrink(&fd) {
-            let file = FileRegion::new(&fd, offset, size, prot)
-                .map_err(|source| DmaError::OpenFile { iova, size, source })?;
-            return Ok(Self::new(iova, size, prot, DmaBacking::File(file)));
-        }
-        let mapped = MappedRegion::map(fd, offset, size, prot)
-            .map_err(|source| DmaError::Mmap { iova, size, source })?;
-        Ok(Self::new(iova, size, prot, DmaBacking::Mapped(mapped)))
     }
 
     /// Inclusive last IOVA; valid for regions that passed validation.
@@ -334,7 +292,11 @@ fn last_of(iova: u64, size: u64) -> Option<u64> {
 pub struct DmaMapTable {
     regions: BTreeMap<u64, Arc<DmaRegion>>,
     max_maps: usize,
+    mappings: MappingCache,
 }
+
+/// Most distinct backing files one connection may map at once; QEMU uses one per RAM block.
+pub const MAX_BACKING_FILES: usize = 1024;
 
 impl DmaMapTable {
     /// An empty table accepting at most `max_maps` regions.
@@ -342,7 +304,30 @@ impl DmaMapTable {
         Self {
             regions: BTreeMap::new(),
             max_maps,
+            mappings: MappingCache::new(MAX_BACKING_FILES),
         }
+    }
+
+    /// Builds a region backed by `size` bytes of `fd` at file `offset` (a DMA_MAP with an fd),
+    /// sharing this table's mapping of the same file. The fd may be closed afterwards. The
+    /// region is not inserted; call [`Self::insert`].
+    pub fn map_fd(
+        &mut self,
+        iova: u64,
+        size: u64,
+        prot: DmaProt,
+        fd: impl AsFd,
+        offset: u64,
+    ) -> Result<DmaRegion, DmaError> {
+        last_of(iova, size).ok_or(DmaError::InvalidRange { iova, size })?;
+        let mapped = MappedRegion::map_shared(&mut self.mappings, fd, offset, size, prot)
+            .map_err(|source| DmaError::Mmap { iova, size, source })?;
+        Ok(DmaRegion::new(iova, size, prot, DmaBacking::Mapped(mapped)))
+    }
+
+    /// Distinct backing files mapped by this table's regions.
+    pub fn backing_files(&self) -> usize {
+        self.mappings.len()
     }
 
     /// Add a region (DMA_MAP).
@@ -356,7 +341,6 @@ impl DmaMapTable {
         let last = last_of(iova, size).ok_or(DmaError::InvalidRange { iova, size })?;
         let backing_len = match &region.backing {
             DmaBacking::Mapped(mapped) => Some(mapped.len()),
-            DmaBacking::File(file) => Some(file.len()),
             DmaBacking::Message => None,
         };
         if backing_len.is_some_and(|l| l != size) {
@@ -689,29 +673,18 @@ mod tests {
             .insert(DmaRegion::new(0x0, 0x2000, RW, DmaBacking::Mapped(mapped)))
             .unwrap_err();
         assert!(matches!(e, DmaError::InvalidRange { .. }));
-        let region = DmaRegion::map_fd(0x0, 0x2000, RW, &fd, 0).unwrap();
-        assert!(
-            matches!(region.backing, DmaBacking::File(_)),
-            "unsealed fds are never mapped"
-        );
+        let region = t.map_fd(0x0, 0x2000, RW, &fd, 0).unwrap();
         t.insert(region).unwrap();
-        let e = DmaRegion::map_fd(0x0, 0x3000, RW, &fd, 0).unwrap_err();
-        assert!(matches!(e, DmaError::OpenFile { .. }));
-        assert_eq!(e.errno(), Errno::EINVAL);
-
-        let sealed = memfd_create(c"vfud-table-test", MemFdCreateFlag::MFD_ALLOW_SEALING).unwrap();
-        nix::unistd::ftruncate(&sealed, 0x2000).unwrap();
-        use std::os::fd::AsRawFd;
-        let seal = nix::fcntl::FcntlArg::F_ADD_SEALS(nix::fcntl::SealFlag::F_SEAL_SHRINK);
-        nix::fcntl::fcntl(sealed.as_raw_fd(), seal).unwrap();
-        let region = DmaRegion::map_fd(0x0, 0x2000, RW, &sealed, 0).unwrap();
-        assert!(
-            matches!(region.backing, DmaBacking::Mapped(_)),
-            "shrink-sealed fds are mapped"
-        );
-        let e = DmaRegion::map_fd(0x0, 0x3000, RW, &sealed, 0).unwrap_err();
+        let e = t.map_fd(0x0, 0x3000, RW, &fd, 0).unwrap_err();
         assert!(matches!(e, DmaError::Mmap { .. }));
         assert_eq!(e.errno(), Errno::EINVAL);
+        // Many maps of one file share one mapping.
+        let mut t = DmaMapTable::new(64);
+        for i in 1..=32u64 {
+            let r = t.map_fd(i * 0x10000, 0x1000, RW, &fd, 0x1000).unwrap();
+            t.insert(r).unwrap();
+        }
+        assert_eq!(t.backing_files(), 1);
     }
 
     #[test]

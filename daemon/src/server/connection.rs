@@ -396,8 +396,10 @@ impl Dispatcher {
                 if !prot.read && !prot.write {
                     return Err(Errno::EINVAL);
                 }
+                let memory = Arc::clone(self.memory()?);
                 let region = match fd {
-                    Some(fd) => DmaRegion::map_fd(map.address, map.size, prot, &fd, map.offset),
+                    Some(fd) => memory
+                        .with_table(|t| t.map_fd(map.address, map.size, prot, &fd, map.offset)),
                     None => Ok(DmaRegion::new(
                         map.address,
                         map.size,
@@ -410,7 +412,6 @@ impl Dispatcher {
                     e.errno()
                 })?;
                 let (iova, size) = (map.address, map.size);
-                let memory = Arc::clone(self.memory()?);
                 let replaced = memory.with_table(|t| t.insert(region)).map_err(|e| {
                     tracing::debug!(device = %self.name, error = %e, "DMA_MAP rejected");
                     e.errno()
