@@ -25,6 +25,7 @@ pub struct DeviceServer {
     name: String,
     socket: PathBuf,
     listener: UnixListener,
+    identity: socket::SocketIdentity,
     device: Arc<dyn Device>,
     limits: ServerLimits,
 }
@@ -48,11 +49,12 @@ impl DeviceServer {
         device: Arc<dyn Device>,
         limits: ServerLimits,
     ) -> Result<DeviceServer, SocketError> {
-        let listener = socket::bind(socket)?;
+        let (listener, identity) = socket::bind(socket)?;
         Ok(DeviceServer {
             name: name.to_string(),
             socket: socket.to_path_buf(),
             listener,
+            identity,
             device,
             limits,
         })
@@ -111,7 +113,7 @@ impl DeviceServer {
                 break;
             }
         }
-        socket::remove(&self.socket);
+        socket::remove(&self.socket, &self.identity);
         tracing::info!(device = %self.name, socket = %self.socket.display(), "stopped serving");
     }
 }
