@@ -112,8 +112,6 @@ pub struct Client {
     opts: ClientOptions,
     server: Option<VersionPayload>,
     dma: Option<Box<dyn DmaHandler>>,
-    /// Server-initiated requests seen while waiting, for tests that count them.
-    pub dma_requests_served: u64,
 }
 
 impl std::fmt::Debug for Client {
@@ -159,7 +157,6 @@ impl Client {
             opts,
             server: None,
             dma: None,
-            dma_requests_served: 0,
         })
     }
 
@@ -361,7 +358,6 @@ impl Client {
                 _ => Err(Errno::ENOSYS),
             }
         })();
-        self.dma_requests_served += 1;
         if f.no_reply() {
             return Ok(());
         }
@@ -522,7 +518,14 @@ impl Client {
     /// Reads a little-endian u32 register.
     pub fn read_u32(&mut self, region: u32, offset: u64) -> Result<u32, ClientError> {
         let d = self.region_read(region, offset, 4)?;
-        Ok(u32::from_le_bytes([d[0], d[1], d[2], d[3]]))
+        let bytes: [u8; 4] = d
+            .as_slice()
+            .try_into()
+            .map_err(|_| ClientError::CheckReply {
+                command: Command::RegionRead,
+                why: format!("a 4-byte register read returned {} bytes", d.len()),
+            })?;
+        Ok(u32::from_le_bytes(bytes))
     }
 
     /// Writes a little-endian u32 register.

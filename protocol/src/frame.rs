@@ -42,7 +42,7 @@ impl Frame {
         self.header.flags & FLAG_NO_REPLY != 0
     }
 
-    /// The errno of an error reply, if this is one (0 is reported as EIO's number's stand-in 0).
+    /// The errno of an error reply, if this is one. The spec allows 0 ("unknown error").
     pub fn error(&self) -> Option<u32> {
         (self.header.flags & FLAG_ERROR != 0).then_some(self.header.error)
     }
@@ -175,11 +175,6 @@ impl FrameDecoder {
             scratch: Vec::new(),
             rejected: None,
         }
-    }
-
-    /// Changes the limits; takes effect from the next message (used after negotiation).
-    pub fn set_limits(&mut self, limits: FrameLimits) {
-        self.limits = limits;
     }
 
     /// The current limits.

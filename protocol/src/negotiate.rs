@@ -304,7 +304,8 @@ pub struct Negotiated {
     pub reply: VersionPayload,
     /// Most fds the client accepts from us in one message.
     pub client_max_msg_fds: u32,
-    /// Largest data count in messages we send to the client (DMA_READ/WRITE).
+    /// Largest data count in messages we send to the client (DMA_READ/WRITE), exactly as the
+    /// client announced it; 0 means it cannot take message DMA at all.
     pub client_max_data_xfer_size: u32,
     /// Largest data count we accept from the client.
     pub server_max_data_xfer_size: u32,
@@ -347,7 +348,7 @@ pub fn negotiate(
     Ok(Negotiated {
         reply,
         client_max_msg_fds: offer.caps.max_msg_fds,
-        client_max_data_xfer_size: offer.caps.max_data_xfer_size.max(4096),
+        client_max_data_xfer_size: offer.caps.max_data_xfer_size,
         server_max_data_xfer_size: ours.max_data_xfer_size,
         max_dma_maps,
         write_multiple,
