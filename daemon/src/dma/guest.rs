@@ -5,7 +5,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use nix::errno::Errno;
 use tokio::sync::{mpsc, oneshot};
 
-use super::table::{DmaBacking, DmaError, DmaMapTable, DmaSegment};
+use super::table::{DmaBacking, DmaError, DmaMapTable, DmaRegion, DmaSegment};
 
 /// A request the device side makes when a range has no fd: the connection
 /// task turns it into a DMA_READ/DMA_WRITE message to the client and answers
@@ -121,7 +121,9 @@ impl GuestMemory {
                             source,
                         })?;
                 }
-                DmaBacking::Message => message_read(port.as_ref(), seg.iova, chunk).await?,
+                DmaBacking::Message => {
+                    message_read(port.as_ref(), &seg.region, seg.iova, chunk).await?
+                }
             }
         }
         Ok(())
@@ -150,7 +152,9 @@ impl GuestMemory {
                         }
                     })?;
                 }
-                DmaBacking::Message => message_write(port.as_ref(), seg.iova, chunk).await?,
+                DmaBacking::Message => {
+                    message_write(port.as_ref(), &seg.region, seg.iova, chunk).await?
+                }
             }
         }
         Ok(())
@@ -183,10 +187,42 @@ fn chunk_iova(iova: u64, done: usize) -> Result<u64, DmaError> {
         .ok_or(DmaError::Unmapped { iova, len: 0 })
 }
 
-/// Read `buf.len()` bytes at `iova` through DMA_READ messages of at most the
-/// port's chunk size each, one at a time.
+/// Sends one request to the connection and waits for the client's answer, unless the region is
+/// unmapped first (see [`DmaRegion::removed`]).
+async fn exchange<T>(
+    tx: &MessageDmaPort,
+    region: &DmaRegion,
+    at: u64,
+    len: usize,
+    request: MessageDmaRequest,
+    answer: oneshot::Receiver<Result<T, Errno>>,
+) -> Result<T, DmaError> {
+    let len = len as u64;
+    let unmapped = || DmaError::Unmapped { iova: at, len };
+    let unavailable = || DmaError::MessageDmaUnavailable { iova: at, len };
+    if region.is_removed() {
+        return Err(unmapped());
+    }
+    // Removal is checked first: once the unmap started, even an answer that is already there
+    // must not be used.
+    tokio::select! {
+        biased;
+        () = region.removed() => return Err(unmapped()),
+        sent = tx.send(request) => sent.map_err(|_| unavailable())?,
+    }
+    tokio::select! {
+        biased;
+        () = region.removed() => Err(unmapped()),
+        got = answer => got
+            .map_err(|_| unavailable())?
+            .map_err(|errno| DmaError::MessageDmaFailed { iova: at, errno }),
+    }
+}
+
+/// Reads `buf` from the client by DMA_READ messages of at most the negotiated size.
 async fn message_read(
     port: Option<&(MessageDmaPort, u32)>,
+    region: &DmaRegion,
     iova: u64,
     buf: &mut [u8],
 ) -> Result<(), DmaError> {
@@ -194,30 +230,17 @@ async fn message_read(
     let mut done = 0usize;
     for chunk in buf.chunks_mut(max) {
         let at = chunk_iova(iova, done)?;
-        let unavailable = DmaError::MessageDmaUnavailable {
-            iova: at,
-            len: u64::try_from(chunk.len()).unwrap_or(u64::MAX),
-        };
         let len = u32::try_from(chunk.len()).map_err(|_| DmaError::Unmapped {
             iova: at,
             len: u64::MAX,
         })?;
         let (reply, answer) = oneshot::channel();
-        if tx
-            .send(MessageDmaRequest::Read {
-                iova: at,
-                len,
-                reply,
-            })
-            .await
-            .is_err()
-        {
-            return Err(unavailable);
-        }
-        let data = answer
-            .await
-            .map_err(|_| unavailable)?
-            .map_err(|errno| DmaError::MessageDmaFailed { iova: at, errno })?;
+        let request = MessageDmaRequest::Read {
+            iova: at,
+            len,
+            reply,
+        };
+        let data = exchange(tx, region, at, chunk.len(), request, answer).await?;
         if data.len() != chunk.len() {
             return Err(DmaError::MessageDmaFailed {
                 iova: at,
@@ -230,10 +253,10 @@ async fn message_read(
     Ok(())
 }
 
-/// Write `data` at `iova` through DMA_WRITE messages of at most the port's
-/// chunk size each, one at a time.
+/// Writes `data` to the client by DMA_WRITE messages of at most the negotiated size.
 async fn message_write(
     port: Option<&(MessageDmaPort, u32)>,
+    region: &DmaRegion,
     iova: u64,
     data: &[u8],
 ) -> Result<(), DmaError> {
@@ -241,26 +264,13 @@ async fn message_write(
     let mut done = 0usize;
     for chunk in data.chunks(max) {
         let at = chunk_iova(iova, done)?;
-        let unavailable = DmaError::MessageDmaUnavailable {
-            iova: at,
-            len: u64::try_from(chunk.len()).unwrap_or(u64::MAX),
-        };
         let (reply, answer) = oneshot::channel();
-        if tx
-            .send(MessageDmaRequest::Write {
-                iova: at,
-                data: chunk.to_vec(),
-                reply,
-            })
-            .await
-            .is_err()
-        {
-            return Err(unavailable);
-        }
-        answer
-            .await
-            .map_err(|_| unavailable)?
-            .map_err(|errno| DmaError::MessageDmaFailed { iova: at, errno })?;
+        let request = MessageDmaRequest::Write {
+            iova: at,
+            data: chunk.to_vec(),
+            reply,
+        };
+        exchange(tx, region, at, chunk.len(), request, answer).await?;
         done += chunk.len();
     }
     Ok(())
@@ -470,7 +480,7 @@ mod tests {
     }
 
     #[test]
-    fn unmap_waits_for_in_flight_message_dma() {
+    fn unmap_fails_an_in_flight_message_dma_and_then_drains() {
         let gm = message_memory(0x1000, 0x100);
         let (tx, mut rx) = mpsc::channel(1);
         gm.set_message_port(Some((tx, 64)));
@@ -486,14 +496,20 @@ mod tests {
 
         let region = gm.with_table(|t| t.remove(0x1000, 0x100)).unwrap();
         let mut drained = pin!(region.drained());
-        assert!(drained.as_mut().poll(&mut cx).is_pending());
+        assert!(
+            drained.as_mut().poll(&mut cx).is_pending(),
+            "the access still holds it"
+        );
 
+        // Even an answer that arrives after the unmap began is not used.
         reply.send(Ok(vec![1, 2, 3, 4])).unwrap();
-        assert!(drained.as_mut().poll(&mut cx).is_pending());
-        assert!(matches!(read.as_mut().poll(&mut cx), Poll::Ready(Ok(()))));
+        assert!(matches!(
+            read.as_mut().poll(&mut cx),
+            Poll::Ready(Err(DmaError::Unmapped { .. }))
+        ));
         assert_eq!(drained.as_mut().poll(&mut cx), Poll::Ready(()));
         drop(read);
-        assert_eq!(buf, [1, 2, 3, 4]);
+        assert_eq!(buf, [0; 4]);
     }
 
     #[test]
@@ -505,5 +521,33 @@ mod tests {
         assert_send(&gm.write(0, &[]));
         fn assert_sync<T: Send + Sync>() {}
         assert_sync::<GuestMemory>();
+    }
+
+    #[tokio::test]
+    async fn unmapping_an_fd_less_region_releases_an_access_the_client_never_answers() {
+        let gm = std::sync::Arc::new(GuestMemory::new(8));
+        gm.with_table(|t| t.insert(DmaRegion::new(0x1000, 0x1000, RW, DmaBacking::Message)))
+            .unwrap();
+        let (tx, mut rx) = mpsc::channel(4);
+        gm.set_message_port(Some((tx, 4096)));
+        let reader = {
+            let gm = std::sync::Arc::clone(&gm);
+            tokio::spawn(async move {
+                let mut b = [0u8; 16];
+                gm.read(0x1000, &mut b).await
+            })
+        };
+        // The request reaches the "client", which never answers; keep it alive.
+        let _unanswered = rx.recv().await.unwrap();
+        let region = gm.with_table(|t| t.remove(0x1000, 0x1000)).unwrap();
+        // A hang guard only: without the fix this never completes.
+        tokio::time::timeout(std::time::Duration::from_secs(30), region.drained())
+            .await
+            .expect("the drain must not wait for the client");
+        let result = reader.await.unwrap();
+        assert!(
+            matches!(result, Err(DmaError::Unmapped { .. })),
+            "{result:?}"
+        );
     }
 }

@@ -170,6 +170,13 @@ struct InFlight {
     notify: Notify,
 }
 
+/// Set once the region leaves its table, with a wakeup for accesses waiting on the client.
+#[derive(Debug, Default)]
+struct Removal {
+    done: std::sync::atomic::AtomicBool,
+    notify: Notify,
+}
+
 /// One client DMA mapping `[iova, iova + size)`.
 ///
 /// Invariants (checked by [`DmaMapTable::insert`]): `size > 0`,
@@ -190,6 +197,7 @@ pub struct DmaRegion {
     /// Where the bytes live.
     pub backing: DmaBacking,
     in_flight: InFlight,
+    removal: Removal,
 }
 
 impl DmaRegion {
@@ -201,7 +209,34 @@ impl DmaRegion {
             prot,
             backing,
             in_flight: InFlight::default(),
+            removal: Removal::default(),
         }
+    }
+
+    /// Records that the region left its table and wakes accesses waiting in [`Self::removed`].
+    fn mark_removed(&self) {
+        self.removal.done.store(true, Ordering::Release);
+        self.removal.notify.notify_waiters();
+    }
+
+    /// Whether the region has been unmapped.
+    pub fn is_removed(&self) -> bool {
+        self.removal.done.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the region has been unmapped.
+    ///
+    /// Why: an access to an fd-less region waits for the client's DMA_READ/DMA_WRITE reply, and
+    /// the unmap that drains the region must not depend on the client answering (QEMU cannot
+    /// while it waits for our DMA_UNMAP reply). Such an access races its reply against this and
+    /// fails as unmapped, releasing the region.
+    pub async fn removed(&self) {
+        let mut notified = pin!(self.removal.notify.notified());
+        notified.as_mut().enable();
+        if self.is_removed() {
+            return;
+        }
+        notified.await;
     }
 
     /// Inclusive last IOVA; valid for regions that passed validation.
@@ -349,7 +384,9 @@ impl DmaMapTable {
 
         if let Some(existing) = self.regions.get_mut(&iova) {
             if existing.size == size && existing.prot == region.prot {
-                return Ok(Some(std::mem::replace(existing, Arc::new(region))));
+                let old = std::mem::replace(existing, Arc::new(region));
+                old.mark_removed();
+                return Ok(Some(old));
             }
         }
 
@@ -381,15 +418,22 @@ impl DmaMapTable {
             Some(region) if region.size == size => {}
             _ => return Err(DmaError::UnmapNotFound { iova, size }),
         }
-        self.regions
+        let region = self
+            .regions
             .remove(&iova)
-            .ok_or(DmaError::UnmapNotFound { iova, size })
+            .ok_or(DmaError::UnmapNotFound { iova, size })?;
+        region.mark_removed();
+        Ok(region)
     }
 
     /// Remove every region (DMA_UNMAP with UNMAP_ALL, or disconnect), in IOVA
     /// order. The caller must drain each before replying.
     pub fn remove_all(&mut self) -> Vec<Arc<DmaRegion>> {
-        std::mem::take(&mut self.regions).into_values().collect()
+        let all: Vec<_> = std::mem::take(&mut self.regions).into_values().collect();
+        for r in &all {
+            r.mark_removed();
+        }
+        all
     }
 
     /// Number of mapped regions.
