@@ -7,6 +7,12 @@
 //!  "device": {"type": "emulated", "model": "ats-dma"}}
 //! ```
 //!
+//! A device may also carry a capability policy: `"ats"`, `"pasid"` and
+//! `"pri"` (`"on"`, `"off"` or `"auto"`, see [`CapabilityPolicy`]), a
+//! `"compat"` level that pins older defaults ([`CompatLevel`]), and for an
+//! emulated device an `"iommu"` block describing the IOMMU it sits behind
+//! ([`IommuSpec`]). All are optional, so every version-1 file stays valid.
+//!
 //! The schema is strict (unknown fields are errors, so typos are caught
 //! instead of silently ignored) and versioned. Errors name the file, the
 //! JSON path of the offending value and what was expected, so an operator
@@ -16,11 +22,16 @@
 mod error;
 mod load;
 mod parse;
+mod policy;
 mod schema;
 
 pub use error::{ConfigError, ConfigErrors, Origin};
 pub use load::{load_file, load_paths, parse_str, MAX_CONFIG_BYTES};
 pub use parse::MAX_SOCKET_PATH_LEN;
+pub use policy::{
+    CapabilityPolicies, CapabilityPolicy, CompatLevel, IommuSpec, PasidCapOffset, PolicyOrigin,
+    PolicySetting, EXT_CAP_MIN_OFFSET, MAX_PASID_WIDTH, PASID_CAP_MAX_OFFSET,
+};
 pub use schema::{
     embedded_default, DeviceConfig, DeviceSpec, EmulatedDevice, EmulatedModel, CONFIG_VERSION,
     MAX_NAME_LEN,

@@ -8,7 +8,8 @@
 //!    [`CONFIG_VERSION`] before interpreting anything else;
 //! 3. decode the typed schema with JSON-path tracking (this also rejects
 //!    unknown and duplicate fields);
-//! 4. check the rules serde cannot express (name alphabet, socket path).
+//! 4. check the rules serde cannot express (name alphabet, socket path,
+//!    value ranges inside the device).
 
 use std::path::{Path, PathBuf};
 
@@ -18,7 +19,8 @@ use serde_json::Value;
 use serde_path_to_error::Segment;
 
 use crate::error::{ConfigError, Origin};
-use crate::schema::{DeviceConfig, EmulatedDevice, CONFIG_VERSION, MAX_NAME_LEN};
+use crate::policy::MAX_PASID_WIDTH;
+use crate::schema::{DeviceConfig, DeviceSpec, EmulatedDevice, CONFIG_VERSION, MAX_NAME_LEN};
 
 /// Longest socket path accepted, in bytes: `sun_path` holds 108 bytes
 /// including the terminating NUL, and a longer path only fails later, at
@@ -138,6 +140,9 @@ pub(crate) fn parse_bytes(bytes: &[u8], origin: &Origin) -> Result<DeviceConfig,
     match resolve_socket(&config.socket, origin) {
         Ok(socket) => config.socket = socket,
         Err(reason) => errors.push(field_error(origin, "socket", reason)),
+    }
+    for (path, reason) in check_device(&config.device) {
+        errors.push(field_error(origin, path, reason));
     }
     let mut errors = errors.into_iter();
     match errors.next() {
@@ -337,6 +342,27 @@ pub(crate) fn check_name(name: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Checks the device rules serde cannot express; returns (JSON path, reason) per problem.
+fn check_device(device: &DeviceSpec) -> Vec<(&'static str, String)> {
+    let mut problems = Vec::new();
+    match device {
+        DeviceSpec::Emulated(emulated) => {
+            if let Some(iommu) = &emulated.iommu {
+                if iommu.max_pasid_log2 > MAX_PASID_WIDTH {
+                    problems.push((
+                        "device.iommu.max_pasid_log2",
+                        format!(
+                            "a PASID width of {} bits is more than the {MAX_PASID_WIDTH} bits PCI Express allows; use 0 (no PASID) to {MAX_PASID_WIDTH}",
+                            iommu.max_pasid_log2
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    problems
 }
 
 /// Validates the socket path and makes it absolute: a relative path is

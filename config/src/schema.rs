@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::policy::{CapabilityPolicies, CapabilityPolicy, CompatLevel, IommuSpec, PasidCapOffset};
+
 /// The only configuration schema version this crate understands.
 ///
 /// A file with any other `version` is rejected before the rest of it is
@@ -62,11 +64,66 @@ pub enum DeviceSpec {
 ///
 /// New optional settings (capability policy, vIOMMU, compatibility knobs)
 /// should be added with `#[serde(default)]` so version-1 files stay valid.
+/// The capability fields (`ats`, `pasid`, `pri`, `compat`) have the same
+/// names and meaning for every kind of device; read them through
+/// [`EmulatedDevice::capability_policies`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EmulatedDevice {
     /// Which emulated device model to instantiate.
     pub model: EmulatedModel,
+    /// Policy for the ATS capability; `None` takes the compat level's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ats: Option<CapabilityPolicy>,
+    /// Policy for the PASID capability; `None` takes the compat level's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pasid: Option<CapabilityPolicy>,
+    /// Policy for the PRI capability; `None` takes the compat level's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pri: Option<CapabilityPolicy>,
+    /// Compatibility level whose defaults apply to unset policies.
+    #[serde(default, skip_serializing_if = "CompatLevel::is_current")]
+    pub compat: CompatLevel,
+    /// The IOMMU the device sits behind; `None` means one that supports everything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iommu: Option<IommuSpec>,
+    /// Where a synthesized PASID capability goes; `None` picks a free offset at the end of
+    /// config space.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pasid_cap_offset: Option<PasidCapOffset>,
+    /// Builds the model's own config space without its PASID capability, the way the
+    /// kernel's vfio-pci shows a host device (it hides PASID). The device still supports
+    /// PASID, so the policy synthesizes the capability from the `iommu` block, as it does for
+    /// host devices. Exists to exercise and demonstrate that path on any machine.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pasid_cap_hidden: bool,
+}
+
+impl EmulatedDevice {
+    /// A device of `model` with every optional setting at its default.
+    pub fn new(model: EmulatedModel) -> EmulatedDevice {
+        EmulatedDevice {
+            model,
+            ats: None,
+            pasid: None,
+            pri: None,
+            compat: CompatLevel::CURRENT,
+            iommu: None,
+            pasid_cap_offset: None,
+            pasid_cap_hidden: false,
+        }
+    }
+
+    /// The effective `ats`/`pasid`/`pri` policies: explicit values over the compat level's
+    /// defaults.
+    pub fn capability_policies(&self) -> CapabilityPolicies {
+        self.compat.resolve(self.ats, self.pasid, self.pri)
+    }
+
+    /// The IOMMU description in force (the default one when the block is absent).
+    pub fn iommu_or_default(&self) -> IommuSpec {
+        self.iommu.unwrap_or_default()
+    }
 }
 
 /// The emulated device models the daemon can instantiate.
@@ -91,8 +148,6 @@ pub fn embedded_default(socket_dir: &Path) -> DeviceConfig {
         version: CONFIG_VERSION,
         name: "demo0".to_owned(),
         socket: socket_dir.join("demo0.sock"),
-        device: DeviceSpec::Emulated(EmulatedDevice {
-            model: EmulatedModel::AtsDma,
-        }),
+        device: DeviceSpec::Emulated(EmulatedDevice::new(EmulatedModel::AtsDma)),
     }
 }

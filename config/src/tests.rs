@@ -70,9 +70,7 @@ fn minimal_example_parses() {
     assert_eq!(config.socket, PathBuf::from("/run/vfud/demo0.sock"));
     assert_eq!(
         config.device,
-        DeviceSpec::Emulated(EmulatedDevice {
-            model: EmulatedModel::AtsDma
-        })
+        DeviceSpec::Emulated(EmulatedDevice::new(EmulatedModel::AtsDma))
     );
 }
 
@@ -558,4 +556,210 @@ fn embedded_default_is_valid() {
     assert_eq!(config.socket, PathBuf::from("/run/vfud/demo0.sock"));
     let text = serde_json::to_string(&config).expect("serialize");
     assert_eq!(inline(&text).expect("valid"), config);
+}
+
+/// A configuration whose device object carries `extra` fields after the model.
+fn with_device_fields(extra: &str) -> String {
+    format!(
+        r#"{{"version": 1, "name": "d", "socket": "/s", "device": {{"type": "emulated", "model": "ats-dma", {extra}}}}}"#
+    )
+}
+
+fn emulated(config: &DeviceConfig) -> &EmulatedDevice {
+    match &config.device {
+        DeviceSpec::Emulated(e) => e,
+    }
+}
+
+#[test]
+fn capability_settings_default_to_the_current_level() {
+    let config = inline(MINIMAL).expect("minimal");
+    let device = emulated(&config);
+    let policies = device.capability_policies();
+    for setting in [policies.ats, policies.pasid, policies.pri] {
+        assert_eq!(setting.value, CapabilityPolicy::Auto);
+        assert_eq!(setting.origin, PolicyOrigin::Compat(CompatLevel::CURRENT));
+        assert_eq!(setting.to_string(), "auto");
+    }
+    assert_eq!(device.iommu, None);
+    assert_eq!(device.iommu_or_default(), IommuSpec::default());
+    assert_eq!(IommuSpec::default().max_pasid_log2, 20);
+    assert!(IommuSpec::default().ats_supported);
+    assert_eq!(CompatLevel::CURRENT.as_str(), "1");
+}
+
+#[test]
+fn every_capability_field_parses() {
+    let text = with_device_fields(
+        r#""ats": "on", "pasid": "off", "pri": "auto", "compat": "1",
+           "iommu": {"ats_supported": false, "max_pasid_log2": 8, "pasid_exec": false, "pasid_priv": true},
+           "pasid_cap_offset": "0xff0", "pasid_cap_hidden": true"#,
+    );
+    let config = inline(&text).expect("valid");
+    let device = emulated(&config);
+    assert_eq!(device.ats, Some(CapabilityPolicy::On));
+    assert_eq!(device.pasid, Some(CapabilityPolicy::Off));
+    assert_eq!(device.pri, Some(CapabilityPolicy::Auto));
+    assert_eq!(
+        device.iommu,
+        Some(IommuSpec {
+            ats_supported: false,
+            max_pasid_log2: 8,
+            pasid_exec: false,
+            pasid_priv: true
+        })
+    );
+    assert_eq!(
+        device.pasid_cap_offset.map(PasidCapOffset::get),
+        Some(0xff0)
+    );
+    assert!(device.pasid_cap_hidden);
+    let policies = device.capability_policies();
+    assert_eq!(policies.ats, PolicySetting::explicit(CapabilityPolicy::On));
+
+    // Serialization round-trips, with the offset in hexadecimal.
+    let text = serde_json::to_string(&config).expect("serialize");
+    assert!(text.contains(r#""pasid_cap_offset":"0xff0""#), "{text}");
+    assert_eq!(inline(&text).expect("reparse"), config);
+}
+
+#[test]
+fn partial_iommu_block_defaults_the_rest_to_supported() {
+    let config = inline(&with_device_fields(r#""iommu": {"max_pasid_log2": 0}"#)).expect("valid");
+    let iommu = emulated(&config).iommu_or_default();
+    assert_eq!(iommu.max_pasid_log2, 0);
+    assert!(iommu.ats_supported && iommu.pasid_exec && iommu.pasid_priv);
+}
+
+#[test]
+fn compat_level_0_pins_pass_through_defaults_and_explicit_values_win() {
+    let config = inline(&with_device_fields(r#""compat": "0""#)).expect("valid");
+    let policies = emulated(&config).capability_policies();
+    let from_level_0 = PolicyOrigin::Compat(CompatLevel::Level0);
+    assert_eq!(
+        (policies.ats.value, policies.pasid.value, policies.pri.value),
+        (
+            CapabilityPolicy::On,
+            CapabilityPolicy::Off,
+            CapabilityPolicy::On
+        )
+    );
+    assert_eq!(policies.ats.origin, from_level_0);
+    assert_eq!(
+        policies.ats.to_string(),
+        "on (the default of compat level 0)"
+    );
+
+    let config = inline(&with_device_fields(r#""compat": 0, "ats": "auto""#)).expect("valid");
+    let policies = emulated(&config).capability_policies();
+    assert_eq!(
+        policies.ats,
+        PolicySetting::explicit(CapabilityPolicy::Auto)
+    );
+    assert_eq!(policies.pri.value, CapabilityPolicy::On);
+    assert_eq!(policies.pri.origin, from_level_0);
+}
+
+#[test]
+fn capability_setting_problems_have_precise_paths() {
+    let cases = [
+        (
+            r#""compat": "7""#,
+            "device.compat",
+            "unknown compat level \"7\"",
+        ),
+        (r#""compat": 2"#, "device.compat", "known levels are \"0\""),
+        (
+            r#""compat": -1"#,
+            "device.compat",
+            "unknown compat level -1",
+        ),
+        (
+            r#""compat": true"#,
+            "device.compat",
+            "a compat level such as",
+        ),
+        (r#""ats": "yes""#, "device.ats", "unknown variant \"yes\""),
+        (r#""pri": 1"#, "device.pri", "invalid type"),
+        (
+            r#""iommu": {"ats": true}"#,
+            "device.iommu.ats",
+            "unknown field \"ats\"",
+        ),
+        (r#""iommu": 5"#, "device.iommu", "invalid type"),
+        (
+            r#""iommu": {"max_pasid_log2": 300}"#,
+            "device.iommu.max_pasid_log2",
+            "invalid value",
+        ),
+        (
+            r#""iommu": {"max_pasid_log2": 21}"#,
+            "device.iommu.max_pasid_log2",
+            "more than the 20 bits",
+        ),
+        (
+            r#""pasid_cap_offset": "0xffc""#,
+            "device.pasid_cap_offset",
+            "leaves no room",
+        ),
+        (
+            r#""pasid_cap_offset": 258"#,
+            "device.pasid_cap_offset",
+            "not 4-byte aligned",
+        ),
+        (
+            r#""pasid_cap_offset": "0x80""#,
+            "device.pasid_cap_offset",
+            "below the extended",
+        ),
+        (
+            r#""pasid_cap_offset": -4"#,
+            "device.pasid_cap_offset",
+            "negative",
+        ),
+        (
+            r#""pasid_cap_offset": "end""#,
+            "device.pasid_cap_offset",
+            "is not an offset",
+        ),
+        (
+            r#""pasid_cap_offset": 1.5"#,
+            "device.pasid_cap_offset",
+            "config-space offset",
+        ),
+        (
+            r#""pasid_cap_hidden": "yes""#,
+            "device.pasid_cap_hidden",
+            "invalid type",
+        ),
+    ];
+    for (fields, want_path, want_reason) in cases {
+        let (path, reason) = field_err(inline(&with_device_fields(fields)));
+        assert_eq!(path, want_path, "{fields}: {reason}");
+        assert!(reason.contains(want_reason), "{fields}: {reason}");
+    }
+    let (_, reason) = field_err(inline(&with_device_fields(r#""compat": "7""#)));
+    assert!(
+        reason.contains("\"0\"") && reason.contains("\"1\""),
+        "names every known level: {reason}"
+    );
+}
+
+#[test]
+fn pasid_cap_offset_accepts_every_spelling_of_a_valid_offset() {
+    for (spelling, want) in [
+        ("\"0xff8\"", 0xff8),
+        ("\"0XFF8\"", 0xff8),
+        ("4088", 0xff8),
+        ("\"4088\"", 0xff8),
+        ("\"0x100\"", 0x100),
+    ] {
+        let text = with_device_fields(&format!("\"pasid_cap_offset\": {spelling}"));
+        let config = inline(&text).unwrap_or_else(|e| panic!("{spelling}: {e}"));
+        assert_eq!(
+            emulated(&config).pasid_cap_offset.map(PasidCapOffset::get),
+            Some(want),
+            "{spelling}"
+        );
+    }
 }

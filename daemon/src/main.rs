@@ -28,7 +28,8 @@ enum Command {
         #[arg(long, value_name = "FILE_OR_DIR")]
         config: Vec<PathBuf>,
     },
-    /// Validate configuration files and list every problem found.
+    /// Validate configuration files, show each device's ATS/PASID/PRI decisions, and list every
+    /// problem found (including a required capability that cannot be provided).
     CheckConfig {
         /// Files or directories to check.
         #[arg(required = true, value_name = "FILE_OR_DIR")]
@@ -70,18 +71,42 @@ fn qemu_argument(socket: &Path) -> String {
     format!("-device '{device}'")
 }
 
+/// Creates and binds one configured device, logging what the capability policy decided.
+fn start_device(cfg: &DeviceConfig) -> anyhow::Result<DeviceServer> {
+    let device = vfud::device::create(cfg)?;
+    let server = DeviceServer::bind(&cfg.name, &cfg.socket, device, ServerLimits::default())
+        .map_err(|e| anyhow::Error::new(e).context(format!("device {}: cannot serve", cfg.name)))?;
+    // Pure and deterministic, so this is what `create` just applied.
+    if let Ok(decisions) = vfud::device::resolve_capabilities(cfg) {
+        for decision in decisions.iter() {
+            tracing::info!(device = %cfg.name, "{decision}");
+        }
+    }
+    Ok(server)
+}
+
+/// Serves every device that can be started. A device that fails (a capability policy it
+/// cannot meet, a socket path in use) is logged and skipped, so one bad device does not take
+/// the others down; only when none can be started is that an error.
 async fn serve(configs: Vec<DeviceConfig>) -> anyhow::Result<()> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut servers = Vec::new();
+    let mut refused = 0usize;
     for cfg in &configs {
-        let device = vfud::device::create(cfg)?;
-        let server = DeviceServer::bind(&cfg.name, &cfg.socket, device, ServerLimits::default())
-            .map_err(|e| {
-                anyhow::Error::new(e).context(format!("device {}: cannot serve", cfg.name))
-            })?;
-        servers.push(server);
+        match start_device(cfg) {
+            Ok(server) => servers.push((cfg, server)),
+            Err(e) => {
+                refused += 1;
+                tracing::error!(device = %cfg.name, "device not started: {e:#}");
+            }
+        }
     }
-    for (cfg, server) in configs.iter().zip(&servers) {
+    if servers.is_empty() {
+        anyhow::bail!(
+            "no device could be started ({refused} refused); see the errors above, or run `vfud check-config`"
+        );
+    }
+    for (cfg, server) in &servers {
         let model = match &cfg.device {
             vfu_config::DeviceSpec::Emulated(_) => "emulated ats-dma".to_string(),
         };
@@ -94,9 +119,9 @@ async fn serve(configs: Vec<DeviceConfig>) -> anyhow::Result<()> {
     }
     let tasks: Vec<_> = servers
         .into_iter()
-        .map(|s| tokio::spawn(s.serve(shutdown_rx.clone())))
+        .map(|(_, s)| tokio::spawn(s.serve(shutdown_rx.clone())))
         .collect();
-    tracing::info!(devices = tasks.len(), "ready");
+    tracing::info!(devices = tasks.len(), refused, "ready");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received, shutting down"),
@@ -122,6 +147,39 @@ fn run(config: Vec<PathBuf>) -> anyhow::Result<()> {
     rt.block_on(serve(configs))
 }
 
+/// `vfud check-config`: validates the files, then resolves each device's capability policy
+/// and prints every decision with its reason; an `on` that cannot be met is a problem.
+fn check_config(paths: &[PathBuf]) -> ExitCode {
+    let configs = match vfu_config::load_paths(paths) {
+        Ok(configs) => configs,
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!("vfud: {} problem(s) found", errors.len());
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut problems = 0usize;
+    for c in &configs {
+        match vfud::device::resolve_capabilities(c) {
+            Ok(decisions) => {
+                println!("ok: {} -> {}", c.name, c.socket.display());
+                for decision in decisions.iter() {
+                    println!("{}: {decision}", c.name);
+                }
+            }
+            Err(e) => {
+                problems += 1;
+                eprintln!("{:#}", anyhow::Error::new(e));
+            }
+        }
+    }
+    if problems > 0 {
+        eprintln!("vfud: {problems} problem(s) found");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
 fn print_chain(e: &anyhow::Error) {
     eprintln!("vfud: error: {e}");
     for cause in e.chain().skip(1) {
@@ -143,19 +201,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::CheckConfig { paths } => match vfu_config::load_paths(&paths) {
-            Ok(configs) => {
-                for c in configs {
-                    println!("ok: {} -> {}", c.name, c.socket.display());
-                }
-                ExitCode::SUCCESS
-            }
-            Err(errors) => {
-                eprintln!("{errors}");
-                eprintln!("vfud: {} problem(s) found", errors.len());
-                ExitCode::FAILURE
-            }
-        },
+        Command::CheckConfig { paths } => check_config(&paths),
         Command::Probe { socket, json } => match vfud::probe::probe(&socket) {
             Ok(report) => {
                 if json {

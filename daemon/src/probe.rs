@@ -13,7 +13,9 @@ use vfu_protocol::command::{irq, region};
 use vfu_protocol::reply::RegionCap;
 use vfu_protocol::wire;
 
-use crate::pci::caps::{self, CapabilityChain, EXT_CAP_ID_ATS, EXT_CAP_ID_PASID, EXT_CAP_ID_PRI};
+use crate::pci::caps::{
+    self, CapabilityChain, EXT_CAP_ID_ATS, EXT_CAP_ID_NULL, EXT_CAP_ID_PASID, EXT_CAP_ID_PRI,
+};
 
 /// Why probing failed.
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +128,15 @@ fn decode(cs: &[u8], e: &caps::CapabilityEntry) -> Vec<(String, String)> {
     let mut r = Vec::new();
     let mut push = |k: &str, v: String| r.push((k.to_string(), v));
     match (e.extended, e.id) {
+        (true, EXT_CAP_ID_NULL) => {
+            let next = u32_at(o) >> 20;
+            let note = if o == caps::EXT_CAP_START {
+                format!("placeholder for a hidden capability; the list continues at {next:#x}")
+            } else {
+                format!("null capability; the list continues at {next:#x}")
+            };
+            push("note", note);
+        }
         (true, EXT_CAP_ID_ATS) => {
             let cap = u16_at(o + 4);
             let ctl = u16_at(o + 6);

@@ -111,9 +111,84 @@ impl Daemon {
         d
     }
 
+    /// Starts vfud serving several devices, one configuration file each: `devices` holds
+    /// `(name, device)` pairs where `device` is the JSON object of the `"device"` field, e.g.
+    /// `("demo0", r#"{"type":"emulated","model":"ats-dma","ats":"off"}"#)`. Device `name`
+    /// listens on `<dir>/<name>.sock` ([`Daemon::socket_of`]); `socket` is the first one's.
+    ///
+    /// Returns once the daemon has started every device it can: it logs `ready` after binding
+    /// each accepted device's socket and logging each refusal. Panics (with the log) if vfud
+    /// exits first, e.g. because it refused every device.
+    pub fn start_with_configs(devices: &[(&str, &str)]) -> Daemon {
+        assert!(!devices.is_empty(), "start_with_configs needs a device");
+        let dir = unique_dir();
+        let mut command = Command::new(vfud_bin());
+        command.args(["--log-level", "debug", "run"]);
+        for (name, device) in devices {
+            let config = dir.join(format!("{name}.json"));
+            let socket = dir.join(format!("{name}.sock"));
+            std::fs::write(
+                &config,
+                format!(
+                    r#"{{"version":1,"name":"{name}","socket":"{}","device":{device}}}"#,
+                    socket.display()
+                ),
+            )
+            .expect("writing a device config");
+            command.arg("--config").arg(&config);
+        }
+        let log = dir.join("vfud.log");
+        let child = command
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawning vfud");
+        let socket = dir.join(format!("{}.sock", devices[0].0));
+        let mut d = Daemon {
+            child,
+            dir,
+            socket,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !d.log_plain().lines().any(|l| l.contains(" ready ")) {
+            if let Ok(Some(status)) = d.child.try_wait() {
+                panic!(
+                    "vfud exited with {status} before it was ready:\n{}",
+                    d.log_text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "vfud did not report ready:\n{}",
+                d.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        d
+    }
+
+    /// The socket of device `name` of a daemon started with [`Daemon::start_with_configs`].
+    pub fn socket_of(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.sock"))
+    }
+
+    /// A negotiated client of device `name`.
+    pub fn client_of(&self, name: &str) -> Client {
+        Client::connect(&self.socket_of(name))
+            .unwrap_or_else(|e| panic!("connecting to {name}: {e:?}\n{}", self.log_text()))
+    }
+
     /// The daemon's log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The daemon's log so far without terminal colour sequences, for searching.
+    pub fn log_plain(&self) -> String {
+        strip_ansi(&self.log_text())
     }
 
     /// The daemon's pid.
@@ -161,6 +236,26 @@ impl Daemon {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap_or(0)
     }
+}
+
+/// `text` without ANSI escape sequences (ESC `[` ... final byte).
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.next() == Some('[') {
+                for c in chars.by_ref() {
+                    if ('@'..='~').contains(&c) {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
 }
 
 impl Drop for Daemon {

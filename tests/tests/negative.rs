@@ -510,7 +510,8 @@ fn nonexistent_regions_and_irq_indexes_are_einval() {
     for (index, start, count) in [
         (irq::NUM_PCI, 0, 1), // no such index
         (irq::MSI, 0, 2),     // MSI has one vector
-        (irq::ERR, 0, 1),     // ERR has none
+        (irq::REQ, 0, 1),     // REQ has none
+        (irq::ERR, 0, 2),     // ERR has one
     ] {
         let fds = vec![ev.as_fd(); count as usize];
         expect_errno(

@@ -110,7 +110,7 @@ fn device_info_regions_and_irqs() {
         (irq::INTX, 1),
         (irq::MSI, 1),
         (irq::MSIX, MSIX_VECTORS),
-        (irq::ERR, 0),
+        (irq::ERR, 1),
         (irq::REQ, 0),
     ];
     for (index, count) in expected {

@@ -3,6 +3,15 @@
 //! Implements the DEVICE_SET_IRQS semantics (assign / de-assign eventfds over a sub-range,
 //! trigger, mask and unmask) once, for every emulated model. The vector counts are fixed by the
 //! model, so a client can never grow these tables.
+//!
+//! INTx is a level-triggered line, as on real PCI, presented the way vfio presents it: the
+//! device asserts or deasserts its line ([`IrqTable::set_intx_level`]); the line is signalled
+//! (the INTx eventfd written) when it becomes asserted while the guest has not set INTx Disable
+//! (PCI Command bit 10, [`IrqTable::set_intx_disabled`]); the vector then masks itself
+//! (AUTOMASKED), and an UNMASK while the line is still asserted signals it again. Config-space
+//! Status bit 3 (Interrupt Status) reads as the line state ([`IrqTable::intx_status`]) whatever
+//! INTx Disable says. Guest drivers that share or mask INTx in software (Linux's
+//! `pci_check_and_mask_intx`, used by uio_pci_generic and vfio-pci) depend on both bits.
 
 use std::os::fd::{AsFd, OwnedFd};
 
@@ -28,10 +37,32 @@ struct Index {
     vectors: Vec<Vector>,
 }
 
+/// PCI Command register bit 10: INTx Disable.
+pub const PCI_COMMAND_INTX_DISABLE: u16 = 1 << 10;
+/// PCI Status register bit 3: Interrupt Status (the device's INTx line is asserted).
+pub const PCI_STATUS_INTERRUPT: u16 = 1 << 3;
+
+/// The device side of the INTx line.
+#[derive(Debug, Default, Clone, Copy)]
+struct IntxLine {
+    /// The device asserts its interrupt (Status.Interrupt Status).
+    asserted: bool,
+    /// The guest set Command.INTx Disable: the line must not be signalled.
+    disabled: bool,
+}
+
+impl IntxLine {
+    /// Whether the line is asserted towards the interrupt controller.
+    fn effective(self) -> bool {
+        self.asserted && !self.disabled
+    }
+}
+
 /// The interrupt tables of one device.
 #[derive(Debug)]
 pub struct IrqTable {
     indexes: Vec<Index>,
+    intx: IntxLine,
 }
 
 /// Writes 1 to an eventfd, the way the kernel signals an interrupt.
@@ -63,7 +94,18 @@ impl IrqTable {
                 index(IRQ_INFO_EVENTFD, 0),
                 index(IRQ_INFO_EVENTFD, 0),
             ],
+            intx: IntxLine::default(),
         }
+    }
+
+    /// Gives the ERR index one vector, as vfio-pci does for PCI Express functions: QEMU then
+    /// wires its error notifier (and warns "Could not enable error recovery" without it). The
+    /// vector is only ever signalled for an unrecoverable device error.
+    pub fn with_err_notifier(mut self) -> IrqTable {
+        if let Some(err) = self.indexes.get_mut(irq::ERR as usize) {
+            err.vectors = vec![Vector::default()];
+        }
+        self
     }
 
     /// Number of indexes (reported as `num_irqs`).
@@ -157,6 +199,9 @@ impl IrqTable {
                     // devices; accept them as "apply" so QEMU's INTx setup succeeds.
                     IrqData::Eventfds(_) => vec![true; range.len()],
                 };
+                // An INTx line that is still asserted when unmasked is signalled again, as vfio
+                // does: the client may have deasserted its side on a guest EOI.
+                let intx_asserted = index == irq::INTX && self.intx.effective();
                 let mut to_fire = Vec::new();
                 for (i, a) in range.zip(apply) {
                     if !a {
@@ -164,7 +209,7 @@ impl IrqTable {
                     }
                     let v = &mut entry.vectors[i];
                     v.masked = action == IrqAction::Mask;
-                    if !v.masked && v.pending {
+                    if !v.masked && (v.pending || intx_asserted) {
                         to_fire.push(i as u32);
                     }
                 }
@@ -202,23 +247,94 @@ impl IrqTable {
     }
 
     /// Raises the device's completion interrupt on whichever mechanism the client enabled:
-    /// MSI-X vector 0, else MSI vector 0, else INTx. Returns the index used, if any.
-    pub fn raise_completion(&mut self) -> Result<Option<u32>, DeviceError> {
-        for index in [irq::MSIX, irq::MSI, irq::INTX] {
+    /// MSI-X vector 0, else MSI vector 0 (edges), else the INTx line, which stays asserted
+    /// until the device deasserts it ([`IrqTable::set_intx_level`]). Returns the index used.
+    pub fn raise_completion(&mut self) -> Result<u32, DeviceError> {
+        for index in [irq::MSIX, irq::MSI] {
             if self.has_eventfd(index, 0) {
                 self.trigger(index, 0)?;
-                return Ok(Some(index));
+                return Ok(index);
             }
         }
-        Ok(None)
+        self.set_intx_level(true)?;
+        Ok(irq::INTX)
     }
 
-    /// Closes every eventfd and clears masks (the client is gone).
+    /// Asserts or deasserts the device's INTx line. A rising line that INTx Disable does not
+    /// suppress is signalled (or left pending if masked); a falling one drops anything pending.
+    /// Returns whether the eventfd was signalled.
+    pub fn set_intx_level(&mut self, asserted: bool) -> Result<bool, DeviceError> {
+        let was = self.intx.effective();
+        self.intx.asserted = asserted;
+        self.intx_changed(was)
+    }
+
+    /// Follows the guest's Command.INTx Disable bit: while set the line is never signalled;
+    /// clearing it while the line is asserted signals it. Returns whether it signalled.
+    pub fn set_intx_disabled(&mut self, disabled: bool) -> Result<bool, DeviceError> {
+        let was = self.intx.effective();
+        self.intx.disabled = disabled;
+        self.intx_changed(was)
+    }
+
+    fn intx_changed(&mut self, was: bool) -> Result<bool, DeviceError> {
+        let now = self.intx.effective();
+        if now && !was && self.has_vector(irq::INTX, 0) {
+            return self.trigger(irq::INTX, 0);
+        }
+        if !now {
+            if let Some(v) = self.vector_mut(irq::INTX, 0) {
+                v.pending = false;
+            }
+        }
+        Ok(false)
+    }
+
+    /// The device's INTx line (Status.Interrupt Status), regardless of INTx Disable.
+    pub fn intx_status(&self) -> bool {
+        self.intx.asserted
+    }
+
+    /// Applies the INTx bits to a config-space Command/Status pair: reads INTx Disable from
+    /// `command`, and returns `status` with Interrupt Status set to the line state. Returns
+    /// whether the line was signalled because INTx Disable was cleared.
+    pub fn sync_config(&mut self, command: u16, status: u16) -> Result<(u16, bool), DeviceError> {
+        let fired = self.set_intx_disabled(command & PCI_COMMAND_INTX_DISABLE != 0)?;
+        let status = if self.intx.asserted {
+            status | PCI_STATUS_INTERRUPT
+        } else {
+            status & !PCI_STATUS_INTERRUPT
+        };
+        Ok((status, fired))
+    }
+
+    fn has_vector(&self, index: u32, vector: u32) -> bool {
+        self.vector(index, vector).is_some()
+    }
+
+    fn vector_mut(&mut self, index: u32, vector: u32) -> Option<&mut Vector> {
+        self.indexes
+            .get_mut(index as usize)?
+            .vectors
+            .get_mut(vector as usize)
+    }
+
+    /// Closes every eventfd and clears masks (the client is gone). The INTx line is device
+    /// state and survives.
     pub fn clear(&mut self) {
         for i in &mut self.indexes {
             for v in &mut i.vectors {
                 *v = Vector::default();
             }
+        }
+    }
+
+    /// Device reset: the line is deasserted and INTx Disable cleared (Command resets to 0).
+    /// Eventfds and masks belong to the client and are left alone.
+    pub fn reset_intx(&mut self) {
+        self.intx = IntxLine::default();
+        if let Some(v) = self.vector_mut(irq::INTX, 0) {
+            v.pending = false;
         }
     }
 }
@@ -258,7 +374,7 @@ mod tests {
         let mut t = IrqTable::new_pci(1, 1, 4);
         let (i_fd, i_ev) = eventfd();
         assign(&mut t, irq::INTX, 0, vec![i_fd]).unwrap();
-        assert_eq!(t.raise_completion().unwrap(), Some(irq::INTX));
+        assert_eq!(t.raise_completion().unwrap(), irq::INTX);
         assert_eq!(count(&i_ev), 1);
         // INTx automasked: a second raise stays pending until unmasked.
         t.raise_completion().unwrap();
@@ -274,8 +390,109 @@ mod tests {
         assert_eq!(count(&i_ev), 1);
         let (m_fd, m_ev) = eventfd();
         assign(&mut t, irq::MSIX, 0, vec![m_fd]).unwrap();
-        assert_eq!(t.raise_completion().unwrap(), Some(irq::MSIX));
+        assert_eq!(t.raise_completion().unwrap(), irq::MSIX);
         assert_eq!(count(&m_ev), 1);
+    }
+
+    fn unmask_intx(t: &mut IrqTable) {
+        t.set(SetIrqsRequest {
+            index: irq::INTX,
+            start: 0,
+            count: 1,
+            action: IrqAction::Unmask,
+            data: IrqData::None,
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn intx_is_a_level_line_that_intx_disable_gates() {
+        let mut t = IrqTable::new_pci(1, 1, 4);
+        let (fd, ev) = eventfd();
+        assign(&mut t, irq::INTX, 0, vec![fd]).unwrap();
+        assert!(!t.intx_status());
+
+        // The guest set INTx Disable: the line is asserted (Interrupt Status) but not signalled.
+        assert!(!t.set_intx_disabled(true).unwrap());
+        assert!(!t.set_intx_level(true).unwrap());
+        assert!(t.intx_status(), "Interrupt Status ignores INTx Disable");
+        assert_eq!(count(&ev), 0);
+        // Clearing INTx Disable while the line is asserted signals it, and automasks.
+        assert!(t.set_intx_disabled(false).unwrap());
+        assert_eq!(count(&ev), 1);
+        // Still asserted: an UNMASK (the client's EOI) signals again, as vfio does.
+        unmask_intx(&mut t);
+        assert_eq!(count(&ev), 1);
+        // Deasserted while masked: nothing is left pending for the unmask.
+        t.set_intx_level(false).unwrap();
+        unmask_intx(&mut t);
+        assert_eq!(count(&ev), 0);
+        assert!(!t.intx_status());
+        // A new rising edge on an unmasked line signals at once.
+        assert!(t.set_intx_level(true).unwrap());
+        assert_eq!(count(&ev), 1);
+        // Asserting an asserted line is not a new edge.
+        unmask_intx(&mut t);
+        assert_eq!(count(&ev), 1);
+        assert!(!t.set_intx_level(true).unwrap());
+        assert_eq!(count(&ev), 0);
+    }
+
+    #[test]
+    fn intx_disable_while_masked_drops_the_pending_signal() {
+        let mut t = IrqTable::new_pci(1, 1, 4);
+        let (fd, ev) = eventfd();
+        assign(&mut t, irq::INTX, 0, vec![fd]).unwrap();
+        t.set_intx_level(true).unwrap();
+        assert_eq!(count(&ev), 1);
+        // Masked now. The guest's handler sets INTx Disable, the client unmasks on EOI: the
+        // line is asserted but disabled, so nothing is signalled.
+        t.set_intx_disabled(true).unwrap();
+        unmask_intx(&mut t);
+        assert_eq!(count(&ev), 0);
+        // The guest acknowledges in the device, then re-enables INTx: still quiet.
+        t.set_intx_level(false).unwrap();
+        t.set_intx_disabled(false).unwrap();
+        assert_eq!(count(&ev), 0);
+    }
+
+    #[test]
+    fn sync_config_mirrors_the_line_into_status_bit_3() {
+        let mut t = IrqTable::new_pci(1, 1, 4);
+        let (status, fired) = t.sync_config(0, 0x0010).unwrap();
+        assert_eq!((status, fired), (0x0010, false));
+        t.set_intx_level(true).unwrap();
+        let (status, _) = t.sync_config(PCI_COMMAND_INTX_DISABLE, 0x0010).unwrap();
+        assert_eq!(status, 0x0010 | PCI_STATUS_INTERRUPT);
+        t.set_intx_level(false).unwrap();
+        let (status, _) = t.sync_config(0, 0x0010 | PCI_STATUS_INTERRUPT).unwrap();
+        assert_eq!(status, 0x0010);
+        t.set_intx_level(true).unwrap();
+        t.reset_intx();
+        assert!(!t.intx_status());
+    }
+
+    #[test]
+    fn completion_prefers_msix_then_msi_and_otherwise_asserts_intx_without_an_eventfd() {
+        let mut t = IrqTable::new_pci(1, 1, 4);
+        // No eventfd anywhere: INTx is the PCI fallback; the line is asserted all the same.
+        assert_eq!(t.raise_completion().unwrap(), irq::INTX);
+        assert!(t.intx_status());
+        let (m_fd, m_ev) = eventfd();
+        assign(&mut t, irq::MSI, 0, vec![m_fd]).unwrap();
+        assert_eq!(t.raise_completion().unwrap(), irq::MSI);
+        assert_eq!(count(&m_ev), 1);
+    }
+
+    #[test]
+    fn the_err_notifier_vector_exists_only_when_asked_for() {
+        assert_eq!(IrqTable::new_pci(1, 1, 4).info(irq::ERR).unwrap().1, 0);
+        let mut t = IrqTable::new_pci(1, 1, 4).with_err_notifier();
+        assert_eq!(t.info(irq::ERR), Some((IRQ_INFO_EVENTFD, 1)));
+        assert_eq!(t.info(irq::REQ).unwrap().1, 0);
+        let (fd, _ev) = eventfd();
+        assign(&mut t, irq::ERR, 0, vec![fd]).unwrap();
+        assert!(t.has_eventfd(irq::ERR, 0));
     }
 
     #[test]

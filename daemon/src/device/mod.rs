@@ -14,6 +14,8 @@ use vfu_protocol::reply::RegionDescription;
 use vfu_protocol::request::SetIrqsRequest;
 
 use crate::dma::{DmaRegion, GuestMemory};
+use crate::pci::virtual_config::{PolicyRequest, VirtualConfigError};
+use crate::pci::{HostIommuCaps, IommuSource, ResolvedCapabilities};
 
 /// Static facts about a device, answered to DEVICE_GET_INFO.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,27 +158,66 @@ pub fn check_region_access(
 /// Why a configured device could not be created.
 #[derive(Debug, thiserror::Error)]
 pub enum CreateDeviceError {
+    /// The ats-dma model could not be created.
     #[error("device {name}: creating the ats-dma model failed")]
     CreateAtsDma {
+        /// The device.
         name: String,
+        /// What failed.
         #[source]
         source: emulated::ats_dma::AtsDmaError,
     },
+    /// The capability policy refuses the device; the message names the device, the property,
+    /// the value and the fix.
+    #[error(transparent)]
+    ApplyPolicy(#[from] VirtualConfigError),
 }
 
-/// Creates the device a configuration describes.
-pub fn create(config: &vfu_config::DeviceConfig) -> Result<Arc<dyn Device>, CreateDeviceError> {
+/// The capability-policy request a configuration describes.
+pub fn policy_request(config: &vfu_config::DeviceConfig) -> PolicyRequest<'_> {
+    match &config.device {
+        vfu_config::DeviceSpec::Emulated(e) => PolicyRequest {
+            device_name: &config.name,
+            policies: e.capability_policies(),
+            host: HostIommuCaps::from_spec(&e.iommu_or_default()),
+            iommu_source: IommuSource::ConfigBlock,
+            // No vIOMMU model exists yet.
+            viommu_pasid: None,
+            pasid_cap_hidden: e.pasid_cap_hidden,
+            pasid_cap_offset: e.pasid_cap_offset.map(vfu_config::PasidCapOffset::get),
+        },
+    }
+}
+
+/// What the capability policy decides for a configured device, without creating it (no file
+/// descriptors, no sockets): for `vfud check-config`. Fails exactly when [`create`] would fail
+/// for policy reasons.
+pub fn resolve_capabilities(
+    config: &vfu_config::DeviceConfig,
+) -> Result<ResolvedCapabilities, CreateDeviceError> {
+    let request = policy_request(config);
     match &config.device {
         vfu_config::DeviceSpec::Emulated(e) => match e.model {
             vfu_config::EmulatedModel::AtsDma => {
-                let d = emulated::AtsDma::new(&config.name).map_err(|source| {
-                    CreateDeviceError::CreateAtsDma {
-                        name: config.name.clone(),
-                        source,
-                    }
-                })?;
-                Ok(Arc::new(d))
+                Ok(emulated::ats_dma::plan(&request)?.decisions().clone())
             }
+        },
+    }
+}
+
+/// Creates the device a configuration describes, with its capability policy applied.
+pub fn create(config: &vfu_config::DeviceConfig) -> Result<Arc<dyn Device>, CreateDeviceError> {
+    let request = policy_request(config);
+    match &config.device {
+        vfu_config::DeviceSpec::Emulated(e) => match e.model {
+            vfu_config::EmulatedModel::AtsDma => match emulated::AtsDma::new(&request) {
+                Ok(d) => Ok(Arc::new(d)),
+                Err(emulated::ats_dma::AtsDmaError::ApplyPolicy(e)) => Err(e.into()),
+                Err(source) => Err(CreateDeviceError::CreateAtsDma {
+                    name: config.name.clone(),
+                    source,
+                }),
+            },
         },
     }
 }

@@ -1,16 +1,42 @@
-//! The virtual config space a guest sees, with per-byte write masks.
+//! The virtual config space a guest sees, with per-byte write masks and an emulated mask.
 
 use super::caps::{CAPABILITY_LIST, CONFIG_SPACE_SIZE, EXT_CAP_START, STATUS_CAP_LIST};
 
 /// Why a config-space access was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigSpaceError {
+    /// The access does not fit in the config space.
     #[error("config access of {len} bytes at {offset:#x} is outside the {size}-byte config space")]
     CheckRange {
+        /// Offset of the access.
         offset: u64,
+        /// Length of the access.
         len: usize,
+        /// Size of the config space.
         size: usize,
     },
+    /// The device bytes handed to [`ConfigSpace::read_merged`] or the mask handed to
+    /// [`ConfigSpace::write_masked`] do not match the access length (a caller bug, reported
+    /// rather than panicking).
+    #[error("config access of {len} bytes came with {other} bytes of device data or mask")]
+    CheckLength {
+        /// Length of the access.
+        len: usize,
+        /// Length of the accompanying buffer.
+        other: usize,
+    },
+}
+
+/// The part of a guest write that belongs to the device behind a virtual config space: the
+/// bits of `data` selected by `mask` are to be written to the device at `offset`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceWrite {
+    /// Offset of the first byte.
+    pub offset: u64,
+    /// The guest's data.
+    pub data: Vec<u8>,
+    /// Per byte, the bits the device owns (the non-emulated bits).
+    pub mask: Vec<u8>,
 }
 
 /// A 4 KiB PCI Express config space.
@@ -18,11 +44,19 @@ pub enum ConfigSpaceError {
 /// Invariant: a guest write changes only bits set in `wmask` (or clears bits set in `w1c`);
 /// every other bit keeps the value the model put there, so read-only registers and capability
 /// headers cannot be forged by the guest.
+///
+/// Each bit is either *emulated* (its value lives here, in the virtual copy) or belongs to a
+/// device behind this space (a host device, or a model's own config space that a capability
+/// policy was applied to). Spaces built by [`ConfigSpaceBuilder`] are fully emulated: the model
+/// is the device. For the others, [`ConfigSpace::read_merged`] and [`ConfigSpace::write_split`]
+/// keep the invariant that writes to emulated bits never reach the device and reads of emulated
+/// bits come from the virtual copy.
 #[derive(Debug, Clone)]
 pub struct ConfigSpace {
     bytes: Vec<u8>,
     wmask: Vec<u8>,
     w1c: Vec<u8>,
+    emulated: Vec<u8>,
     reset_bytes: Vec<u8>,
 }
 
@@ -62,16 +96,137 @@ impl ConfigSpace {
         Ok(())
     }
 
-    /// Applies a guest write through the masks.
+    /// Applies a guest write through the masks to every bit, emulated or not: for a fully
+    /// emulated space, or for the device side of a [`DeviceWrite`].
     pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), ConfigSpaceError> {
         let start = self.check(offset, data.len())?;
         for (i, &v) in data.iter().enumerate() {
-            let at = start + i;
-            let m = self.wmask[at];
-            let c = self.w1c[at];
-            self.bytes[at] = ((self.bytes[at] & !m) | (v & m)) & !(v & c);
+            self.write_byte(start + i, v, 0xff);
         }
         Ok(())
+    }
+
+    /// Like [`ConfigSpace::write`], but changes only the bits set in `mask` (which has one
+    /// byte per data byte); how a device applies the [`DeviceWrite`] of a space in front of it.
+    pub fn write_masked(
+        &mut self,
+        offset: u64,
+        data: &[u8],
+        mask: &[u8],
+    ) -> Result<(), ConfigSpaceError> {
+        let start = self.check(offset, data.len())?;
+        if mask.len() != data.len() {
+            return Err(ConfigSpaceError::CheckLength {
+                len: data.len(),
+                other: mask.len(),
+            });
+        }
+        for (i, (&v, &m)) in data.iter().zip(mask).enumerate() {
+            self.write_byte(start + i, v, m);
+        }
+        Ok(())
+    }
+
+    /// Applies a guest write to the emulated bits (through the write masks) and returns the
+    /// rest for the device, or `None` if the write touches no device bits.
+    pub fn write_split(
+        &mut self,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<Option<DeviceWrite>, ConfigSpaceError> {
+        let start = self.check(offset, data.len())?;
+        for (i, &v) in data.iter().enumerate() {
+            let emulated = self.emulated[start + i];
+            self.write_byte(start + i, v, emulated);
+        }
+        let mask: Vec<u8> = self.emulated[start..start + data.len()]
+            .iter()
+            .map(|e| !e)
+            .collect();
+        if mask.iter().all(|m| *m == 0) {
+            return Ok(None);
+        }
+        Ok(Some(DeviceWrite {
+            offset,
+            data: data.to_vec(),
+            mask,
+        }))
+    }
+
+    /// Reads what the guest sees at `offset`: emulated bits from the virtual copy, the others
+    /// from `device`, the device's bytes for the same range (same length as `buf`).
+    pub fn read_merged(
+        &self,
+        offset: u64,
+        device: &[u8],
+        buf: &mut [u8],
+    ) -> Result<(), ConfigSpaceError> {
+        let start = self.check(offset, buf.len())?;
+        if device.len() != buf.len() {
+            return Err(ConfigSpaceError::CheckLength {
+                len: buf.len(),
+                other: device.len(),
+            });
+        }
+        for (i, (out, dev)) in buf.iter_mut().zip(device).enumerate() {
+            let at = start + i;
+            let e = self.emulated[at];
+            *out = (self.bytes[at] & e) | (dev & !e);
+        }
+        Ok(())
+    }
+
+    /// The emulated-bit mask, one byte per config-space byte.
+    pub fn emulated_mask(&self) -> &[u8] {
+        &self.emulated
+    }
+
+    fn write_byte(&mut self, at: usize, value: u8, mask: u8) {
+        let m = self.wmask[at] & mask;
+        let c = self.w1c[at] & mask;
+        self.bytes[at] = ((self.bytes[at] & !m) | (value & m)) & !(value & c);
+    }
+
+    /// A space in front of a device whose config space is `device`: a copy of its bytes with
+    /// nothing emulated and nothing writable yet; the caller marks what it emulates with
+    /// [`ConfigSpace::emulate`] and then calls [`ConfigSpace::commit_reset_values`].
+    pub(super) fn in_front_of(device: &[u8]) -> ConfigSpace {
+        let len = device.len();
+        ConfigSpace {
+            bytes: device.to_vec(),
+            wmask: vec![0; len],
+            w1c: vec![0; len],
+            emulated: vec![0; len],
+            reset_bytes: device.to_vec(),
+        }
+    }
+
+    /// Makes the bytes at `at` fully emulated with `value` and the given write and
+    /// write-1-to-clear masks (each as long as `value`). Out-of-range parts are ignored; the
+    /// callers place only ranges they have checked.
+    pub(super) fn emulate(&mut self, at: usize, value: &[u8], wmask: &[u8], w1c: &[u8]) {
+        for (i, v) in value.iter().enumerate() {
+            let Some(byte) = self.bytes.get_mut(at + i) else {
+                return;
+            };
+            *byte = *v;
+            self.emulated[at + i] = 0xff;
+            self.wmask[at + i] = wmask.get(i).copied().unwrap_or(0);
+            self.w1c[at + i] = w1c.get(i).copied().unwrap_or(0);
+        }
+    }
+
+    /// Sets emulated bytes from the model side, bypassing the write masks (e.g. a status bit
+    /// the emulation raises). Out-of-range parts are ignored.
+    pub(super) fn set_bytes(&mut self, at: usize, value: &[u8]) {
+        if let Some(b) = self.bytes.get_mut(at..at + value.len()) {
+            b.copy_from_slice(value);
+        }
+    }
+
+    /// Records the current contents as the values [`ConfigSpace::reset`] restores.
+    pub(super) fn commit_reset_values(&mut self) {
+        self.reset_bytes.copy_from_slice(&self.bytes);
     }
 
     /// Little-endian u16 at `offset` (0 if out of range).
@@ -211,10 +366,11 @@ impl ConfigSpaceBuilder {
         at
     }
 
-    /// Finishes the space; its current contents become the reset values.
+    /// Finishes the space, fully emulated; its current contents become the reset values.
     pub fn build(self) -> ConfigSpace {
         ConfigSpace {
             reset_bytes: self.bytes.clone(),
+            emulated: vec![0xff; self.bytes.len()],
             bytes: self.bytes,
             wmask: self.wmask,
             w1c: self.w1c,
@@ -248,5 +404,66 @@ mod tests {
         assert!(cs.read(u64::MAX, &mut [0; 4]).is_err());
         cs.reset();
         assert_eq!(cs.u16_at(0x04), 0);
+    }
+
+    #[test]
+    fn split_writes_and_merged_reads_respect_the_emulated_mask() {
+        let mut device = ConfigSpaceBuilder::new(0x1234, 0x5678, 0x088000, 1).build();
+        assert!(
+            device.emulated_mask().iter().all(|m| *m == 0xff),
+            "builder spaces are fully emulated"
+        );
+        let mut view = ConfigSpace::in_front_of(device.bytes());
+        assert!(view.emulated_mask().iter().all(|m| *m == 0));
+        // Emulate the low nibble of byte 0x40 (writable) and all of byte 0x41 (read-only).
+        view.emulate(0x40, &[0x0a, 0x55], &[0x0f, 0x00], &[0, 0]);
+        view.emulated[0x40] = 0x0f;
+        view.commit_reset_values();
+
+        let forwarded = view
+            .write_split(0x40, &[0xf3, 0xff])
+            .unwrap()
+            .expect("device bits");
+        assert_eq!(forwarded.offset, 0x40);
+        assert_eq!(
+            forwarded.mask,
+            [0xf0, 0x00],
+            "only the non-emulated bits go to the device"
+        );
+        assert_eq!(
+            view.write_split(0x41, &[0xff]).unwrap(),
+            None,
+            "fully emulated byte"
+        );
+        device
+            .write_masked(0x40, &forwarded.data, &forwarded.mask)
+            .unwrap();
+        assert_eq!(
+            device.bytes()[0x40],
+            0,
+            "the device's own mask still applies"
+        );
+
+        let mut buf = [0u8; 2];
+        view.read_merged(0x40, &[0xa0, 0xee], &mut buf).unwrap();
+        assert_eq!(
+            buf,
+            [0xa3, 0x55],
+            "emulated bits from the view, the rest from the device"
+        );
+        view.reset();
+        view.read_merged(0x40, &[0xa0, 0xee], &mut buf).unwrap();
+        assert_eq!(buf, [0xaa, 0x55]);
+
+        assert!(matches!(
+            view.read_merged(0x40, &[0; 3], &mut buf),
+            Err(ConfigSpaceError::CheckLength { len: 2, other: 3 })
+        ));
+        assert!(matches!(
+            device.write_masked(0x40, &[0; 2], &[0; 1]),
+            Err(ConfigSpaceError::CheckLength { .. })
+        ));
+        assert!(view.write_split(4095, &[0; 2]).is_err());
+        assert!(view.read_merged(u64::MAX, &[0; 2], &mut buf).is_err());
     }
 }

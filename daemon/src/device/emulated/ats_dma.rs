@@ -10,6 +10,13 @@
 //! Seam for ATS: every guest address the engine touches goes through [`AtsDma::translate`],
 //! which today is the identity (untranslated requests); the ATS issue replaces it with a
 //! translation request to the vIOMMU and a device ATC.
+//!
+//! Config space has two layers, as for a host device: the model's own config space (all its
+//! capabilities, as the hardware would have them) and the guest's view of it, which the
+//! capability policy builds ([`crate::pci::virtual_config`]): masked capabilities unlinked,
+//! PASID synthesized where the policy says so, and the ATS/PASID/PRI control registers
+//! emulated there. The engine reads those controls from the view
+//! ([`AtsDma::capability_controls`]); guest writes to them never reach the model's own space.
 
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -24,13 +31,18 @@ use vfu_protocol::wire::{
 };
 
 use crate::device::irq::IrqTable;
+
+/// Config-space offsets of the Command and Status registers (INTx Disable, Interrupt Status).
+const PCI_COMMAND: usize = 0x04;
+const PCI_STATUS: usize = 0x06;
 use crate::device::{Device, DeviceError, DeviceInfo, RegionSpec};
 use crate::dma::GuestMemory;
 use crate::pci::caps::{
     CAP_ID_EXP, CAP_ID_MSI, CAP_ID_MSIX, CAP_ID_PM, EXT_CAP_ID_ATS, EXT_CAP_ID_PASID,
     EXT_CAP_ID_PRI,
 };
-use crate::pci::{ConfigSpace, ConfigSpaceBuilder};
+use crate::pci::virtual_config::{self, CapabilityControls, PolicyRequest, VirtualConfigError};
+use crate::pci::{ConfigSpace, ConfigSpaceBuilder, ResolvedCapabilities, VirtualConfigSpace};
 
 /// PCI vendor id (Red Hat, Inc., the QEMU emulated-device vendor).
 pub const VENDOR_ID: u16 = 0x1b36;
@@ -84,6 +96,23 @@ pub mod regs {
     pub const MAX_LEN: u64 = 0x38;
     /// RO: doorbells rejected because the engine was busy.
     pub const REJECTED: u64 = 0x3c;
+    /// RO: the capability controls the engine works with, as the guest set them in config
+    /// space: [`CAP_CONTROL_ATS_ENABLE`], ATS STU in bits 12:8 ([`CAP_CONTROL_ATS_STU_SHIFT`]),
+    /// [`CAP_CONTROL_PASID_ENABLE`] ... Bits of capabilities the guest does not see read 0.
+    pub const CAP_CONTROL: u64 = 0x40;
+
+    /// CAP_CONTROL: ATS Enable.
+    pub const CAP_CONTROL_ATS_ENABLE: u32 = 1 << 0;
+    /// CAP_CONTROL: PASID Enable.
+    pub const CAP_CONTROL_PASID_ENABLE: u32 = 1 << 1;
+    /// CAP_CONTROL: PASID Execute Permission Enable.
+    pub const CAP_CONTROL_PASID_EXEC: u32 = 1 << 2;
+    /// CAP_CONTROL: PASID Privileged Mode Enable.
+    pub const CAP_CONTROL_PASID_PRIV: u32 = 1 << 3;
+    /// CAP_CONTROL: PRI Enable.
+    pub const CAP_CONTROL_PRI_ENABLE: u32 = 1 << 4;
+    /// CAP_CONTROL: position of the 5-bit ATS Smallest Translation Unit.
+    pub const CAP_CONTROL_ATS_STU_SHIFT: u32 = 8;
 
     pub const OP_COPY: u32 = 1;
     pub const OP_FILL: u32 = 2;
@@ -131,7 +160,10 @@ struct Job {
 
 #[derive(Debug)]
 struct State {
+    /// The model's own config space, with every capability it implements.
     config: ConfigSpace,
+    /// What the guest sees: `config` with the capability policy applied.
+    view: VirtualConfigSpace,
     regs: Registers,
     msix_table: Vec<u8>,
     irqs: IrqTable,
@@ -155,11 +187,25 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
 /// Why the model could not be created.
 #[derive(Debug, thiserror::Error)]
 pub enum AtsDmaError {
+    /// The memfd behind BAR2 could not be created or sized.
     #[error("creating the memfd that backs BAR2 failed")]
     CreateBar2(#[source] nix::errno::Errno),
+    /// The capability policy refuses the device (for example `ats=on` behind an IOMMU without
+    /// ATS); the message is the policy's own.
+    #[error(transparent)]
+    ApplyPolicy(#[from] VirtualConfigError),
 }
 
-fn build_config_space() -> ConfigSpace {
+/// The guest's view of ats-dma's config space under `request`, without creating the device:
+/// what `vfud check-config` shows and what [`AtsDma::new`] serves. With
+/// `request.pasid_cap_hidden` the model's own config space lacks its PASID capability, the way
+/// the kernel shows a host device, so the policy synthesizes one.
+pub fn plan(request: &PolicyRequest<'_>) -> Result<VirtualConfigSpace, VirtualConfigError> {
+    let own = build_config_space(!request.pasid_cap_hidden);
+    virtual_config::build(own.bytes(), request)
+}
+
+fn build_config_space(with_pasid: bool) -> ConfigSpace {
     let mut b = ConfigSpaceBuilder::new(VENDOR_ID, DEVICE_ID, CLASS_CODE, 1);
     b.interrupt_pin(1);
     b.memory_bar32(0, BAR0_SIZE as u32);
@@ -197,8 +243,10 @@ fn build_config_space() -> ConfigSpace {
     let ats = b.extended_capability(EXT_CAP_ID_ATS, 1, &[0x20, 0x00, 0x00, 0x00]);
     b.writable(ats + 6, &0x801fu16.to_le_bytes());
     // PASID: exec + priv supported, 20-bit max width; control: enable, exec, priv.
-    let pasid = b.extended_capability(EXT_CAP_ID_PASID, 1, &[0x06, 0x14, 0x00, 0x00]);
-    b.writable(pasid + 6, &0x0007u16.to_le_bytes());
+    if with_pasid {
+        let pasid = b.extended_capability(EXT_CAP_ID_PASID, 1, &[0x06, 0x14, 0x00, 0x00]);
+        b.writable(pasid + 6, &0x0007u16.to_le_bytes());
+    }
     // PRI: control (enable, reset), status (stopped), 32 outstanding requests capacity.
     let pri = b.extended_capability(
         EXT_CAP_ID_PRI,
@@ -212,23 +260,65 @@ fn build_config_space() -> ConfigSpace {
 }
 
 impl AtsDma {
-    /// Creates the model; `name` is used in logs.
-    pub fn new(name: &str) -> Result<AtsDma, AtsDmaError> {
+    /// Creates the model with the capability policy of `request`; its device name is used in
+    /// logs and messages. Fails with [`AtsDmaError::ApplyPolicy`] when the policy refuses the
+    /// device.
+    pub fn new(request: &PolicyRequest<'_>) -> Result<AtsDma, AtsDmaError> {
+        let config = build_config_space(!request.pasid_cap_hidden);
+        let view = virtual_config::build(config.bytes(), request)?;
         let bar2 = memfd_create(c"vfud-ats-dma-bar2", MemFdCreateFlag::MFD_CLOEXEC)
             .map_err(AtsDmaError::CreateBar2)?;
         nix::unistd::ftruncate(&bar2, BAR2_SIZE as i64).map_err(AtsDmaError::CreateBar2)?;
         Ok(AtsDma {
-            name: name.to_string(),
+            name: request.device_name.to_string(),
             state: Arc::new(Mutex::new(State {
-                config: build_config_space(),
+                config,
+                view,
                 regs: Registers::default(),
                 msix_table: vec![0; (MSIX_VECTORS * 16) as usize],
-                irqs: IrqTable::new_pci(1, 1, MSIX_VECTORS),
+                irqs: IrqTable::new_pci(1, 1, MSIX_VECTORS).with_err_notifier(),
                 memory: None,
                 generation: 0,
             })),
             bar2: Arc::new(bar2),
         })
+    }
+
+    /// The ATS, PASID and PRI controls as the guest last set them; `None` for a capability
+    /// the guest does not see. The ATS path takes Enable and STU from here.
+    pub fn capability_controls(&self) -> CapabilityControls {
+        lock(&self.state).view.controls()
+    }
+
+    /// What the capability policy decided for this device.
+    pub fn capability_decisions(&self) -> ResolvedCapabilities {
+        lock(&self.state).view.decisions().clone()
+    }
+
+    /// CAP_CONTROL: the controls packed into one register.
+    fn cap_control(controls: &CapabilityControls) -> u32 {
+        let mut v = 0;
+        if let Some(ats) = controls.ats {
+            if ats.enabled {
+                v |= CAP_CONTROL_ATS_ENABLE;
+            }
+            v |= u32::from(ats.stu) << CAP_CONTROL_ATS_STU_SHIFT;
+        }
+        if let Some(pasid) = controls.pasid {
+            for (on, bit) in [
+                (pasid.enabled, CAP_CONTROL_PASID_ENABLE),
+                (pasid.exec_enabled, CAP_CONTROL_PASID_EXEC),
+                (pasid.privileged_enabled, CAP_CONTROL_PASID_PRIV),
+            ] {
+                if on {
+                    v |= bit;
+                }
+            }
+        }
+        if controls.pri.is_some_and(|pri| pri.enabled) {
+            v |= CAP_CONTROL_PRI_ENABLE;
+        }
+        v
     }
 
     /// Maps a device address to the address the engine uses on the bus. Identity until ATS.
@@ -254,6 +344,7 @@ impl AtsDma {
             IRQ_STATUS => r.irq_status,
             MAX_LEN => MAX_TRANSFER,
             REJECTED => r.rejected,
+            CAP_CONTROL => Self::cap_control(&st.view.controls()),
             _ => 0,
         }
     }
@@ -288,7 +379,16 @@ impl AtsDma {
             DST_HI => r.dst = (r.dst & 0xffff_ffff) | u64::from(merge((r.dst >> 32) as u32)) << 32,
             LEN => r.len = merge(r.len),
             PATTERN => r.pattern = merge(r.pattern),
-            IRQ_STATUS => r.irq_status &= !(value & mask),
+            IRQ_STATUS => {
+                r.irq_status &= !(value & mask);
+                if r.irq_status & 1 == 0 {
+                    // Acknowledged: the completion no longer asserts INTx.
+                    if let Err(e) = st.irqs.set_intx_level(false) {
+                        tracing::warn!(device = %self.name, error = %e, "deasserting INTx failed");
+                    }
+                    Self::sync_intx(st, &self.name);
+                }
+            }
             CMD => self.doorbell(st, merge(0)),
             _ => {}
         }
@@ -339,13 +439,27 @@ impl AtsDma {
         st.regs.irq_status |= 1;
         if job.irq {
             match st.irqs.raise_completion() {
-                Ok(Some(index)) => tracing::trace!(device = name, index, "completion interrupt"),
-                Ok(None) => tracing::debug!(
-                    device = name,
-                    "completion interrupt requested but none enabled"
-                ),
+                Ok(index) => tracing::trace!(device = name, index, "completion interrupt"),
                 Err(e) => tracing::warn!(device = name, error = %e, "completion interrupt failed"),
             }
+            Self::sync_intx(st, name);
+        }
+    }
+
+    /// Keeps the INTx bits of config space and the IRQ table in step: the guest's INTx Disable
+    /// (Command bit 10) gates the line, and Interrupt Status (Status bit 3) shows it. Called
+    /// after anything that changes either side.
+    fn sync_intx(st: &mut State, name: &str) {
+        let command = st.config.u16_at(PCI_COMMAND);
+        let status = st.config.u16_at(PCI_STATUS);
+        match st.irqs.sync_config(command, status) {
+            Ok((status, fired)) => {
+                st.config.set_u16(PCI_STATUS, status);
+                if fired {
+                    tracing::trace!(device = name, "INTx signalled on INTx Disable clear");
+                }
+            }
+            Err(e) => tracing::warn!(device = name, error = %e, "INTx update failed"),
         }
     }
 
@@ -468,7 +582,7 @@ impl Device for AtsDma {
                 },
                 fd: Some(Arc::clone(&self.bar2)),
             }),
-            region::CONFIG => Some(plain(lock(&self.state).config.len() as u64)),
+            region::CONFIG => Some(plain(lock(&self.state).view.len() as u64)),
             i if i < region::NUM_PCI => Some(plain(0)),
             _ => None,
         }
@@ -486,15 +600,18 @@ impl Device for AtsDma {
                     len: buf.len(),
                     size: BAR2_SIZE,
                 })?,
-            region::CONFIG => st
-                .config
-                .read(offset, buf)
-                .map_err(|_| DeviceError::CheckRange {
+            region::CONFIG => {
+                let (len, size) = (buf.len(), st.view.len() as u64);
+                let range_error = |_| DeviceError::CheckRange {
                     index,
                     offset,
-                    len: buf.len(),
-                    size: st.config.len() as u64,
-                })?,
+                    len,
+                    size,
+                };
+                let mut own = vec![0u8; buf.len()];
+                st.config.read(offset, &mut own).map_err(range_error)?;
+                st.view.read(offset, &own, buf).map_err(range_error)?;
+            }
             _ => return Err(DeviceError::CheckRegion { index }),
         }
         Ok(())
@@ -515,15 +632,21 @@ impl Device for AtsDma {
                 })?;
             }
             region::CONFIG => {
-                let size = st.config.len() as u64;
-                st.config
-                    .write(offset, data)
-                    .map_err(|_| DeviceError::CheckRange {
-                        index,
-                        offset,
-                        len: data.len(),
-                        size,
-                    })?
+                let size = st.view.len() as u64;
+                let range_error = |_| DeviceError::CheckRange {
+                    index,
+                    offset,
+                    len: data.len(),
+                    size,
+                };
+                // Emulated bits (chain links, ATS/PASID/PRI controls) stay in the view; only
+                // the rest reaches the model's own config space.
+                if let Some(own) = st.view.write(offset, data).map_err(range_error)? {
+                    st.config
+                        .write_masked(own.offset, &own.data, &own.mask)
+                        .map_err(range_error)?;
+                }
+                Self::sync_intx(&mut st, &self.name);
             }
             _ => return Err(DeviceError::CheckRegion { index }),
         }
@@ -543,6 +666,9 @@ impl Device for AtsDma {
         st.generation = st.generation.wrapping_add(1);
         st.regs = Registers::default();
         st.config.reset();
+        st.view.reset();
+        st.irqs.reset_intx();
+        Self::sync_intx(&mut st, &self.name);
         st.msix_table.fill(0);
         drop(st);
         let zero = vec![0u8; BAR2_SIZE as usize];
@@ -574,7 +700,7 @@ mod tests {
 
     #[test]
     fn config_space_has_every_capability_in_well_formed_chains() {
-        let cs = build_config_space();
+        let cs = build_config_space(true);
         let chain = CapabilityChain::walk(cs.bytes());
         assert!(chain.standard_error.is_none() && chain.extended_error.is_none());
         for id in [CAP_ID_PM, CAP_ID_MSI, CAP_ID_EXP, CAP_ID_MSIX] {
@@ -600,7 +726,7 @@ mod tests {
 
     #[tokio::test]
     async fn errors_without_a_client_and_for_bad_commands() {
-        let d = AtsDma::new("t").unwrap();
+        let d = AtsDma::new(&PolicyRequest::new("t")).unwrap();
         let w = |off: u64, v: u32| d.region_write(0, off, &v.to_le_bytes()).unwrap();
         let r = |off: u64| {
             let mut b = [0u8; 4];
@@ -624,5 +750,264 @@ mod tests {
         d.region_write(0, SRC_LO, &0x1122_3344_5566_7788u64.to_le_bytes())
             .unwrap();
         assert_eq!((r(SRC_LO), r(SRC_HI)), (0x5566_7788, 0x1122_3344));
+    }
+
+    /// What Linux's `pci_check_and_mask_intx` (uio_pci_generic, vfio-pci in a guest) needs:
+    /// Interrupt Status (Status bit 3) shows the INTx line, and INTx Disable (Command bit 10)
+    /// holds the line back without hiding it.
+    #[tokio::test]
+    async fn intx_follows_irq_status_and_intx_disable_through_config_space() {
+        use nix::sys::eventfd::{EfdFlags, EventFd};
+        use std::os::fd::AsFd;
+        use std::time::{Duration, Instant};
+        use vfu_protocol::command::irq;
+        use vfu_protocol::request::{IrqAction, IrqData};
+
+        let d = AtsDma::new(&PolicyRequest::new("t")).unwrap();
+        let ram = memfd_create(c"t", MemFdCreateFlag::MFD_CLOEXEC).unwrap();
+        nix::unistd::ftruncate(&ram, 0x1000).unwrap();
+        let memory = Arc::new(GuestMemory::new(8));
+        memory.with_table(|t| {
+            let rw = crate::dma::DmaProt {
+                read: true,
+                write: true,
+            };
+            let region = t.map_fd(0, 0x1000, rw, &ram, 0).unwrap();
+            t.insert(region).unwrap();
+        });
+        d.attach(memory);
+        let ev = EventFd::from_flags(EfdFlags::EFD_NONBLOCK).unwrap();
+        d.set_irqs(SetIrqsRequest {
+            index: irq::INTX,
+            start: 0,
+            count: 1,
+            action: IrqAction::Trigger,
+            data: IrqData::Eventfds(vec![ev.as_fd().try_clone_to_owned().unwrap()]),
+        })
+        .unwrap();
+        let signals = || ev.read().unwrap_or(0);
+        let w = |off: u64, v: u32| d.region_write(0, off, &v.to_le_bytes()).unwrap();
+        let cfg16 = |off: u64| {
+            let mut b = [0u8; 2];
+            d.region_read(region::CONFIG, off, &mut b).unwrap();
+            u16::from_le_bytes(b)
+        };
+        let set_command = |v: u16| {
+            d.region_write(region::CONFIG, PCI_COMMAND as u64, &v.to_le_bytes())
+                .unwrap()
+        };
+        let interrupt_status = || cfg16(PCI_STATUS as u64) & 0x0008 != 0;
+        let fill_with_irq = || async {
+            w(LEN, 64);
+            w(CMD, OP_FILL | CMD_IRQ);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let mut b = [0u8; 4];
+                d.region_read(0, STATUS, &mut b).unwrap();
+                if u32::from_le_bytes(b) != STATUS_BUSY {
+                    break u32::from_le_bytes(b);
+                }
+                assert!(Instant::now() < deadline, "the FILL did not finish");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        };
+
+        // The guest set INTx Disable: the completion asserts the line without signalling it.
+        set_command(0x0406);
+        assert_eq!(fill_with_irq().await, STATUS_DONE);
+        assert!(
+            interrupt_status(),
+            "Interrupt Status shows the asserted line"
+        );
+        assert_eq!(signals(), 0, "INTx Disable holds the line back");
+        // Clearing INTx Disable while the line is asserted delivers it.
+        set_command(0x0006);
+        assert_eq!(signals(), 1);
+        assert_eq!(cfg16(PCI_COMMAND as u64), 0x0006);
+        // Acknowledging in the device (IRQ_STATUS is W1C) drops the line.
+        w(IRQ_STATUS, 1);
+        assert!(!interrupt_status());
+        // The vector automasked when it fired; unmask as the client does on EOI. The next
+        // completion signals at once, and a reset deasserts the line.
+        d.set_irqs(SetIrqsRequest {
+            index: irq::INTX,
+            start: 0,
+            count: 1,
+            action: IrqAction::Unmask,
+            data: IrqData::None,
+        })
+        .unwrap();
+        assert_eq!(signals(), 0, "nothing asserted, nothing re-signalled");
+        assert_eq!(fill_with_irq().await, STATUS_DONE);
+        assert_eq!(signals(), 1);
+        assert!(interrupt_status());
+        d.reset().unwrap();
+        assert!(!interrupt_status());
+        assert_eq!(cfg16(PCI_COMMAND as u64), 0);
+    }
+}
+
+#[cfg(test)]
+mod policy_tests {
+    use super::*;
+    use crate::pci::caps::{CapabilityChain, EXT_CAP_ID_NULL};
+    use crate::pci::policy::{
+        CapabilityPolicy, CompatLevel, HostIommuCaps, IommuSpec, PolicySetting,
+    };
+
+    fn config_read(d: &AtsDma, offset: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        d.region_read(region::CONFIG, offset, &mut buf).unwrap();
+        buf
+    }
+
+    fn guest_chain(d: &AtsDma) -> CapabilityChain {
+        CapabilityChain::parse(&config_read(d, 0, 4096)).expect("well-formed chains")
+    }
+
+    fn extended_ids(d: &AtsDma) -> Vec<u16> {
+        guest_chain(d).extended.iter().map(|e| e.id).collect()
+    }
+
+    fn bar0(d: &AtsDma, offset: u64) -> u32 {
+        let mut b = [0u8; 4];
+        d.region_read(0, offset, &mut b).unwrap();
+        u32::from_le_bytes(b)
+    }
+
+    #[test]
+    fn default_policy_exposes_everything_in_place() {
+        let d = AtsDma::new(&PolicyRequest::new("t")).unwrap();
+        assert_eq!(
+            extended_ids(&d),
+            [EXT_CAP_ID_ATS, EXT_CAP_ID_PASID, EXT_CAP_ID_PRI]
+        );
+        let decisions = d.capability_decisions();
+        assert!(decisions.iter().all(|x| x.exposed), "{decisions:?}");
+        let controls = d.capability_controls();
+        assert_eq!(controls.ats.map(|a| a.enabled), Some(false));
+        assert!(controls.pasid.is_some() && controls.pri.is_some());
+    }
+
+    #[test]
+    fn ats_off_leaves_a_null_capability_at_0x100() {
+        let mut request = PolicyRequest::new("t");
+        request.policies.ats = PolicySetting::explicit(CapabilityPolicy::Off);
+        // PRI needs ATS; auto follows it.
+        let d = AtsDma::new(&request).unwrap();
+        assert_eq!(extended_ids(&d), [EXT_CAP_ID_NULL, EXT_CAP_ID_PASID]);
+        assert_eq!(
+            config_read(&d, 0x100, 4),
+            [0, 0, 0x80, 0x10],
+            "ID 0, v0, next 0x108"
+        );
+        let controls = d.capability_controls();
+        assert!(controls.ats.is_none() && controls.pri.is_none());
+        // The masked ATS Control is not guest-writable and the engine does not see it.
+        d.region_write(region::CONFIG, 0x106, &[0x1f, 0x80])
+            .unwrap();
+        assert_eq!(config_read(&d, 0x104, 4), [0; 4]);
+        assert_eq!(bar0(&d, CAP_CONTROL) & CAP_CONTROL_ATS_ENABLE, 0);
+    }
+
+    #[test]
+    fn ats_control_writes_reach_the_model_but_not_its_own_config_space() {
+        let d = AtsDma::new(&PolicyRequest::new("t")).unwrap();
+        // Enable + STU 5, plus a try at the read-only ATS Capability register.
+        d.region_write(region::CONFIG, 0x104, &[0xff, 0xff, 0xe5, 0xff])
+            .unwrap();
+        assert_eq!(config_read(&d, 0x104, 4), [0x20, 0x00, 0x05, 0x80]);
+        let ats = d.capability_controls().ats.unwrap();
+        assert!(ats.enabled);
+        assert_eq!(ats.stu, 5);
+        assert_eq!(ats.smallest_translation_unit(), 1 << 17);
+        assert_eq!(
+            bar0(&d, CAP_CONTROL),
+            CAP_CONTROL_ATS_ENABLE | 5 << CAP_CONTROL_ATS_STU_SHIFT
+        );
+        let st = lock(&d.state);
+        assert_eq!(st.config.u16_at(0x106), 0, "the write stayed in the view");
+        drop(st);
+        // The command register is not emulated: it reaches the model's own space.
+        d.region_write(region::CONFIG, 0x04, &[0x06, 0x00]).unwrap();
+        assert_eq!(lock(&d.state).config.u16_at(0x04), 0x0006);
+        // Reset clears the emulated controls too.
+        d.reset().unwrap();
+        assert!(!d.capability_controls().ats.unwrap().enabled);
+        assert_eq!(bar0(&d, CAP_CONTROL), 0);
+    }
+
+    #[test]
+    fn pasid_and_pri_controls_are_emulated() {
+        let mut request = PolicyRequest::new("t");
+        request.host = HostIommuCaps::from_spec(&IommuSpec {
+            pasid_exec: false,
+            ..IommuSpec::default()
+        });
+        let d = AtsDma::new(&request).unwrap();
+        // PASID: Exec Enable is not writable when Exec is not supported.
+        d.region_write(region::CONFIG, 0x10e, &[0x07, 0x00])
+            .unwrap();
+        assert_eq!(config_read(&d, 0x10c, 4), [0x04, 0x14, 0x05, 0x00]);
+        let pasid = d.capability_controls().pasid.unwrap();
+        assert!(pasid.enabled && !pasid.exec_enabled && pasid.privileged_enabled);
+        // PRI: Enable sticks, Reset reads back 0, Stopped follows Enable.
+        d.region_write(region::CONFIG, 0x114, &[0x03, 0x00])
+            .unwrap();
+        assert_eq!(config_read(&d, 0x114, 4), [0x01, 0x00, 0x00, 0x00]);
+        d.region_write(region::CONFIG, 0x11c, &[0x10, 0, 0, 0])
+            .unwrap();
+        let pri = d.capability_controls().pri.unwrap();
+        assert!(pri.enabled);
+        assert_eq!(pri.outstanding_allocation, 0x10);
+        d.region_write(region::CONFIG, 0x114, &[0x00, 0x00])
+            .unwrap();
+        assert_eq!(config_read(&d, 0x116, 2), [0x00, 0x01], "stopped again");
+        assert_eq!(
+            bar0(&d, CAP_CONTROL),
+            CAP_CONTROL_PASID_ENABLE | CAP_CONTROL_PASID_PRIV
+        );
+    }
+
+    #[test]
+    fn hidden_pasid_is_synthesized_with_the_iommu_width() {
+        let mut request = PolicyRequest::new("t");
+        request.pasid_cap_hidden = true;
+        request.host = HostIommuCaps::from_spec(&IommuSpec {
+            max_pasid_log2: 16,
+            pasid_priv: false,
+            ..IommuSpec::default()
+        });
+        let d = AtsDma::new(&request).unwrap();
+        let chain = guest_chain(&d);
+        assert_eq!(chain.find_extended(EXT_CAP_ID_PASID), Some(0xff8));
+        assert_eq!(
+            extended_ids(&d),
+            [EXT_CAP_ID_ATS, EXT_CAP_ID_PRI, EXT_CAP_ID_PASID]
+        );
+        assert_eq!(config_read(&d, 0xffc, 4), [0x02, 0x10, 0x00, 0x00]);
+        let decisions = d.capability_decisions();
+        assert!(
+            decisions.pasid.reason.contains("synthesized at 0xff8"),
+            "{}",
+            decisions.pasid
+        );
+    }
+
+    #[test]
+    fn a_refused_policy_is_reported_with_the_policy_message() {
+        let mut request = PolicyRequest::new("demo0");
+        request.policies = CompatLevel::CURRENT.resolve(Some(CapabilityPolicy::On), None, None);
+        request.host = HostIommuCaps::from_spec(&IommuSpec {
+            ats_supported: false,
+            ..IommuSpec::default()
+        });
+        let err = AtsDma::new(&request).unwrap_err();
+        assert!(matches!(err, AtsDmaError::ApplyPolicy(_)));
+        assert_eq!(
+            err.to_string(),
+            "device demo0: ats=on but the IOMMU reports ATS not supported (iommu.ats_supported=false); use ats=auto or ats=off"
+        );
+        assert!(plan(&request).is_err(), "plan agrees with new");
     }
 }
