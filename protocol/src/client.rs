@@ -15,6 +15,7 @@ use nix::errno::Errno;
 use zerocopy::{FromBytes, IntoBytes};
 
 use crate::command::Command;
+use crate::dma::DmaLayout;
 use crate::fdio::{self, FdIoError};
 use crate::frame::{self, Decoded, Frame, FrameDecoder, FrameError, FrameLimits};
 use crate::negotiate::{self, Capabilities, NegotiateError, VersionPayload};
@@ -80,6 +81,9 @@ pub struct ClientOptions {
     pub minor: u16,
     /// Bound on every wait for a message.
     pub timeout: Duration,
+    /// How we lay out our answers to the server's DMA_READ / DMA_WRITE (the specification's
+    /// unless a test plays an older QEMU).
+    pub dma_layout: DmaLayout,
 }
 
 impl Default for ClientOptions {
@@ -92,6 +96,7 @@ impl Default for ClientOptions {
             },
             minor: negotiate::MINOR,
             timeout: Duration::from_secs(10),
+            dma_layout: DmaLayout::Spec,
         }
     }
 }
@@ -332,28 +337,35 @@ impl Client {
             if !f.fds.is_empty() {
                 return Err(Errno::EINVAL);
             }
-            let (acc, data) =
-                wire::DmaAccess::read_from_prefix(&f.payload).map_err(|_| Errno::EINVAL)?;
-            if acc.count > max {
+            let layout = self.opts.dma_layout;
+            let (address, count, data) = layout
+                .parse_request(&f.payload)
+                .map_err(|_| Errno::EINVAL)?;
+            if count > max {
                 return Err(Errno::E2BIG);
             }
             let handler = self.dma.as_mut().ok_or(Errno::ENOTSUP)?;
             match cmd {
                 Some(Command::DmaRead) => {
-                    if !data.is_empty() {
+                    if layout == DmaLayout::Spec && !data.is_empty() {
                         return Err(Errno::EINVAL);
                     }
-                    let bytes = handler.dma_read(acc.address, acc.count as usize)?;
-                    let mut out = acc.as_bytes().to_vec();
-                    out.extend_from_slice(&bytes);
-                    Ok(out)
+                    // A zero-length access touches no memory; the handler never sees it.
+                    let bytes = if count == 0 {
+                        Vec::new()
+                    } else {
+                        handler.dma_read(address, count as usize)?
+                    };
+                    Ok(layout.read_reply(address, &bytes))
                 }
                 Some(Command::DmaWrite) => {
-                    if data.len() as u64 != acc.count {
+                    if data.len() as u64 != count {
                         return Err(Errno::EINVAL);
                     }
-                    handler.dma_write(acc.address, data)?;
-                    Ok(acc.as_bytes().to_vec())
+                    if count > 0 {
+                        handler.dma_write(address, data)?;
+                    }
+                    Ok(layout.write_reply(address, count))
                 }
                 _ => Err(Errno::ENOSYS),
             }

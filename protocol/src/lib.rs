@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod command;
+pub mod dma;
 pub mod fdio;
 pub mod frame;
 pub mod negotiate;

@@ -34,3 +34,9 @@ vfud_prereqs() {
         command -v rustup >/dev/null 2>&1 && rustup component add clippy || vfud_need_apt rust-clippy
     fi
 }
+
+vfud_vm_prereqs() {
+    # The VM tiers: debootstrap builds the cached chroot; gcc with a static libc, cpio and xz
+    # build the guest's initramfs (tests/vm/).
+    vfud_need_apt debootstrap cpio xz-utils gcc libc6-dev
+}

@@ -4,7 +4,9 @@
 use std::os::fd::AsFd;
 use std::time::Duration;
 
+use vfu_protocol::client::{Client, ClientOptions};
 use vfu_protocol::command::{irq, region, Command};
+use vfu_protocol::dma::DmaLayout;
 use vfu_protocol::negotiate::{Capabilities, VersionPayload};
 use vfu_protocol::reply::RegionCap;
 use vfu_protocol::request::MultiWrite;
@@ -284,6 +286,64 @@ fn dma_through_an_fd_less_map_uses_dma_read_and_dma_write() {
     // 100 000 bytes in 64 KiB engine chunks: 2 reads and 2 writes.
     assert_eq!(ram.reads.load(std::sync::atomic::Ordering::Relaxed), 2);
     assert_eq!(ram.writes.load(std::sync::atomic::Ordering::Relaxed), 2);
+    // The zero-length layout probe came first and found the specification's layout.
+    assert!(
+        d.log_plain().contains("client's DMA_READ/DMA_WRITE layout")
+            && d.log_plain().contains("specification"),
+        "{}",
+        d.log_text()
+    );
+}
+
+/// QEMU's vfio-user client as first merged (QEMU 10.1) lays DMA_READ/DMA_WRITE out with a u32
+/// count and data at payload offset 12, and answers DMA_WRITE with a bare header. vfud probes
+/// the layout once per connection and adapts; without that, a DMA_READ reply whose data starts
+/// with four zero bytes would be taken as the specification's layout, shifted by four bytes.
+#[test]
+fn message_dma_adapts_to_the_qemu_10_1_layout() {
+    let d = Daemon::start();
+    let opts = ClientOptions {
+        dma_layout: DmaLayout::QemuLegacy,
+        ..Default::default()
+    };
+    let mut c = Client::connect_with(&d.socket, opts).unwrap();
+    let ram = MessageRam::default();
+    c.set_dma_handler(Box::new(ram.clone()));
+    c.dma_map(0x4000_0000, 0x40000, RW, None).unwrap();
+    let mut data = vec![0u8; 4];
+    data.extend((0..70_000u32).map(|i| (i.wrapping_mul(7) + 1) as u8));
+    ram.store(0x4000_0000, &data);
+    start(
+        &mut c,
+        OP_COPY,
+        0x4000_0000,
+        0x4002_0000,
+        data.len() as u32,
+        0,
+        false,
+    );
+    assert_eq!(wait_idle(&mut c), (STATUS_DONE, ERR_NONE));
+    assert_eq!(ram.load(0x4002_0000, data.len()), data);
+    start(
+        &mut c,
+        OP_CHECKSUM,
+        0x4000_0000,
+        0,
+        data.len() as u32,
+        0,
+        false,
+    );
+    assert_eq!(wait_idle(&mut c), (STATUS_DONE, ERR_NONE));
+    assert_eq!(c.read_u32(0, RESULT).unwrap(), crc32fast::hash(&data));
+    start(&mut c, OP_FILL, 0, 0x4003_0000, 4096, 0x0403_0201, false);
+    assert_eq!(wait_idle(&mut c), (STATUS_DONE, ERR_NONE));
+    assert_eq!(ram.load(0x4003_0000, 8), [1, 2, 3, 4, 1, 2, 3, 4]);
+    assert!(
+        d.log_plain()
+            .contains("QEMU 10.1's DMA_READ/DMA_WRITE layout"),
+        "{}",
+        d.log_text()
+    );
 }
 
 #[test]

@@ -20,13 +20,14 @@ use tokio::io::Interest;
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use vfu_protocol::command::Command;
+use vfu_protocol::dma::{self, DmaLayout};
 use vfu_protocol::fdio::{self, FdIoError};
 use vfu_protocol::frame::{self, Decoded, Frame, FrameDecoder, FrameLimits, Rejection};
 use vfu_protocol::negotiate::{self, Negotiated, ServerLimits};
 use vfu_protocol::reply;
 use vfu_protocol::request::{MultiWrite, Request};
 use vfu_protocol::wire::{self, Header, FLAG_NO_REPLY, FLAG_TYPE_COMMAND, FLAG_TYPE_REPLY};
-use zerocopy::{FromBytes, IntoBytes};
+use zerocopy::IntoBytes;
 
 use crate::device::{check_region_access, Device};
 use crate::dma::{DmaBacking, DmaProt, DmaRegion, GuestMemory, MessageDmaRequest};
@@ -192,70 +193,113 @@ async fn read_loop(
     let _ = queue.send(Inbound::End(end)).await;
 }
 
+/// Sends one server-initiated request and waits (bounded) for the client's reply to it.
+async fn exchange(
+    writer: &Writer,
+    pending: &Pending,
+    next_id: &AtomicU16,
+    command: Command,
+    payload: &[u8],
+) -> Result<Frame, Errno> {
+    let id = next_id.fetch_add(1, Ordering::Relaxed);
+    let (tx, rx) = oneshot::channel();
+    lock_pending(pending).insert(id, tx);
+    let bytes = frame::encode(id, command as u16, FLAG_TYPE_COMMAND, 0, &[payload]);
+    let outcome = async {
+        writer.send(&bytes, &[]).await.map_err(|_| Errno::EPIPE)?;
+        let f = tokio::time::timeout(MESSAGE_DMA_TIMEOUT, rx)
+            .await
+            .map_err(|_| Errno::ETIMEDOUT)?
+            .map_err(|_| Errno::EPIPE)?;
+        if f.header.command != command as u16 {
+            return Err(Errno::EPROTO);
+        }
+        Ok(f)
+    }
+    .await;
+    lock_pending(pending).remove(&id);
+    outcome
+}
+
+/// The errno of an error reply (EIO if the client sent none).
+fn reply_errno(f: &Frame) -> Option<Errno> {
+    f.error().map(|e| {
+        if e == 0 {
+            Errno::EIO
+        } else {
+            Errno::from_raw(e as i32)
+        }
+    })
+}
+
 /// Sends our DMA_READ / DMA_WRITE requests for fd-less maps and hands back the client's answer.
+///
+/// Before the first one it learns how the client lays these messages out
+/// ([`vfu_protocol::dma`]): the specification's layout, or QEMU 10.1's, whose DMA_READ replies
+/// can parse as the specification's with the data shifted by four bytes. The answer holds for
+/// the whole connection.
 async fn message_dma_loop(
+    name: String,
     mut port: mpsc::Receiver<MessageDmaRequest>,
     writer: Arc<Writer>,
     pending: Pending,
     next_id: Arc<AtomicU16>,
 ) {
+    let mut layout: Option<DmaLayout> = None;
     while let Some(req) = port.recv().await {
-        let id = next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        lock_pending(&pending).insert(id, tx);
-        let (command, access, data, len) = match &req {
-            MessageDmaRequest::Read { iova, len, .. } => (
-                Command::DmaRead,
-                (*iova, u64::from(*len)),
-                &[][..],
-                *len as usize,
-            ),
+        let (command, address, count) = match &req {
+            MessageDmaRequest::Read { iova, len, .. } => (Command::DmaRead, *iova, u64::from(*len)),
             MessageDmaRequest::Write { iova, data, .. } => {
-                (Command::DmaWrite, (*iova, data.len() as u64), &data[..], 0)
+                (Command::DmaWrite, *iova, data.len() as u64)
             }
         };
-        let prefix = wire::DmaAccess {
-            address: access.0,
-            count: access.1,
-        };
-        let bytes = frame::encode(
-            id,
-            command as u16,
-            FLAG_TYPE_COMMAND,
-            0,
-            &[prefix.as_bytes(), data],
-        );
         let outcome: Result<Vec<u8>, Errno> = async {
-            writer.send(&bytes, &[]).await.map_err(|_| Errno::EPIPE)?;
-            let f = tokio::time::timeout(MESSAGE_DMA_TIMEOUT, rx)
-                .await
-                .map_err(|_| Errno::ETIMEDOUT)?
-                .map_err(|_| Errno::EPIPE)?;
-            if f.header.command != command as u16 {
-                return Err(Errno::EPROTO);
+            let layout = match layout {
+                Some(l) => l,
+                None => {
+                    let probe = dma::probe_request(address);
+                    let f = exchange(&writer, &pending, &next_id, Command::DmaWrite, &probe).await?;
+                    let answer = if f.error().is_some() {
+                        None
+                    } else {
+                        Some(&f.payload[..])
+                    };
+                    let l = dma::classify_probe_reply(address, answer).map_err(|e| {
+                        tracing::warn!(device = %name, error = %e, "unrecognized answer to the DMA layout probe");
+                        Errno::EPROTO
+                    })?;
+                    if l == DmaLayout::Spec {
+                        tracing::info!(device = %name, layout = %l, "client's DMA_READ/DMA_WRITE layout");
+                    } else {
+                        tracing::warn!(device = %name, layout = %l, "client uses QEMU 10.1's DMA_READ/DMA_WRITE layout, not the specification's; adapting");
+                    }
+                    *layout.insert(l)
+                }
+            };
+            let payload = match &req {
+                MessageDmaRequest::Read { iova, len, .. } => dma::read_request(*iova, *len),
+                MessageDmaRequest::Write { iova, data, .. } => layout.write_request(*iova, data),
+            };
+            let f = exchange(&writer, &pending, &next_id, command, &payload).await?;
+            if let Some(e) = reply_errno(&f) {
+                return Err(e);
             }
-            if let Some(e) = f.error() {
-                return Err(if e == 0 {
-                    Errno::EIO
-                } else {
-                    Errno::from_raw(e as i32)
-                });
-            }
-            let (got, rest) =
-                wire::DmaAccess::read_from_prefix(&f.payload).map_err(|_| Errno::EPROTO)?;
-            if got.address != access.0 || got.count != access.1 {
-                return Err(Errno::EPROTO);
-            }
-            match command {
-                Command::DmaRead if rest.len() == len => Ok(rest.to_vec()),
-                Command::DmaWrite if rest.is_empty() => Ok(Vec::new()),
-                _ => Err(Errno::EPROTO),
-            }
+            let checked = match command {
+                Command::DmaRead => layout
+                    .read_reply_data(&f.payload, address, count)
+                    .map(<[u8]>::to_vec),
+                _ => layout
+                    .check_write_reply(&f.payload, address, count)
+                    .map(|()| Vec::new()),
+            };
+            checked.map_err(|e| {
+                tracing::warn!(device = %name, %command, error = %e, "malformed reply to message DMA");
+                Errno::EPROTO
+            })
         }
         .await;
-        lock_pending(&pending).remove(&id);
         if let Err(e) = &outcome {
-            tracing::warn!(command = %command, iova = format_args!("{:#x}", access.0), error = %e, "message DMA failed");
+            tracing::warn!(device = %name, %command, iova = format_args!("{address:#x}"), error = %e, "message DMA failed");
         }
         match req {
             MessageDmaRequest::Read { reply, .. } => {
@@ -371,6 +415,7 @@ impl Dispatcher {
                         .min(self.limits.max_data_xfer_size),
                 )));
                 self.dma_task = Some(tokio::spawn(message_dma_loop(
+                    self.name.clone(),
                     rx,
                     Arc::clone(&self.writer),
                     Arc::clone(&self.pending),
@@ -392,6 +437,14 @@ impl Dispatcher {
                 Ok(Answer::bytes(payload))
             }
             Request::DmaMap { map, fd } => {
+                tracing::debug!(
+                    device = %self.name,
+                    iova = format_args!("{:#x}", map.address),
+                    size = format_args!("{:#x}", map.size),
+                    flags = map.flags,
+                    backing = if fd.is_some() { "fd" } else { "message" },
+                    "DMA_MAP"
+                );
                 let prot = DmaProt::from_map_flags(map.flags);
                 if !prot.read && !prot.write {
                     return Err(Errno::EINVAL);
