@@ -167,6 +167,11 @@ fn bar2_fd_is_the_device_memory() {
     map.read_at(0x100, &mut seen).unwrap();
     map.write_at(0x200, b"mmap").unwrap();
     assert_eq!(&seen, b"through the socket");
+    // Sealed at its size: a client cannot shrink it under the next client's mapping.
+    assert_eq!(
+        nix::unistd::ftruncate(&fd, 0),
+        Err(nix::errno::Errno::EPERM)
+    );
     assert_eq!(c.region_read(2, 0x200, 4).unwrap(), b"mmap");
 }
 
@@ -558,4 +563,61 @@ fn next_client_finds_device_state_but_not_the_previous_maps_or_irqs() {
         "IRQ eventfds die with the client"
     );
     assert_eq!(ram.read(0, 16), vec![0; 16]);
+}
+
+#[test]
+fn reset_stops_a_running_job_before_it_replies() {
+    use zerocopy::{FromBytes, IntoBytes};
+    let d = Daemon::start();
+    let mut c = d.client();
+    let dst = GuestRam::new(0x40000);
+    c.dma_map(0x2000_0000, dst.size, RW, Some((dst.fd(), 0)))
+        .unwrap();
+    c.dma_map(0x1000_0000, 0x40000, RW, None).unwrap();
+    // The copy's first read goes to us as a DMA_READ, which we leave unanswered for now.
+    start(&mut c, OP_COPY, 0x1000_0000, 0x2000_0000, 0x40000, 0, false);
+    let reset_id = c.send(Command::DeviceReset, false, &[], &[]).unwrap();
+    let mut stalled = Vec::new();
+    loop {
+        let f = c.recv_frame().unwrap();
+        if f.is_command() {
+            // The layout probe (a zero-length DMA_WRITE) and the copy's DMA_READ.
+            stalled.push(f);
+            continue;
+        }
+        assert_eq!(
+            (f.header.msg_id, f.header.command),
+            (reset_id, Command::DeviceReset as u16)
+        );
+        assert!(f.error().is_none());
+        break;
+    }
+    // Answer the stalled read now, after the reset: the aborted job must not use it.
+    for f in stalled {
+        let (acc, _) = wire::DmaAccess::read_from_prefix(&f.payload).unwrap();
+        let read = f.header.command == Command::DmaRead as u16;
+        let data = vec![0xee; if read { acc.count as usize } else { 0 }];
+        let reply = vfu_protocol::frame::encode(
+            f.header.msg_id,
+            f.header.command,
+            wire::FLAG_TYPE_REPLY,
+            0,
+            &[acc.as_bytes(), &data],
+        );
+        c.send_raw(&reply, &[]).unwrap();
+    }
+    assert_eq!(c.read_u32(0, STATUS).unwrap(), STATUS_IDLE);
+    assert_eq!(c.read_u32(0, COMPLETED).unwrap(), 0);
+    // The engine is free again and the destination was never written.
+    start(&mut c, OP_FILL, 0, 0x2000_0000, 4, 0x0a0b_0c0d, false);
+    assert_eq!(wait_idle(&mut c), (STATUS_DONE, ERR_NONE));
+    assert_eq!(dst.read(0, 4), vec![0x0d, 0x0c, 0x0b, 0x0a]);
+    assert!(
+        dst.read(4, 0x40000 - 4).iter().all(|b| *b == 0),
+        "the reset job wrote after the reset"
+    );
+    assert!(
+        !d.log_text().contains("did not stop"),
+        "reset waited for the job to time out"
+    );
 }

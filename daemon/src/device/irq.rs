@@ -66,10 +66,32 @@ pub struct IrqTable {
 }
 
 /// Writes 1 to an eventfd, the way the kernel signals an interrupt.
+///
+/// Never blocks, whatever the client did to the fd: the client owns the file description and
+/// may have made it blocking and filled the counter. A counter that cannot take another 1 means
+/// an interrupt is pending already, so skipping the write loses nothing.
 pub fn signal_eventfd(fd: &OwnedFd) -> Result<(), Errno> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut ready = [PollFd::new(fd.as_fd(), PollFlags::POLLOUT)];
+    match poll(&mut ready, PollTimeout::ZERO) {
+        Ok(0) => return Ok(()),
+        Ok(_) => {}
+        Err(e) => return Err(e),
+    }
     match nix::unistd::write(fd.as_fd(), &1u64.to_ne_bytes()) {
         Ok(_) | Err(Errno::EAGAIN) => Ok(()),
         Err(e) => Err(e),
+    }
+}
+
+/// Whether `fd` is an eventfd. Anything else (a pipe, a socket, a FUSE file) could make our
+/// writes block or mean something else entirely, so SET_IRQS refuses it. Without /proc the
+/// check cannot be made and the fd is accepted; [`signal_eventfd`] still never blocks.
+fn is_eventfd(fd: &OwnedFd) -> bool {
+    use std::os::fd::AsRawFd;
+    match std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())) {
+        Ok(target) => target.as_os_str() == "anon_inode:[eventfd]",
+        Err(_) => !std::path::Path::new("/proc/self/fd").exists(),
     }
 }
 
@@ -167,6 +189,12 @@ impl IrqTable {
                         v.pending = false;
                     }
                 } else {
+                    if let Some(at) = fds.iter().position(|fd| !is_eventfd(fd)) {
+                        return Err(DeviceError::CheckIrqFd {
+                            index,
+                            vector: req.start + at as u32,
+                        });
+                    }
                     for (v, fd) in entry.vectors[range].iter_mut().zip(fds) {
                         v.eventfd = Some(fd);
                     }
@@ -531,5 +559,33 @@ mod tests {
         })
         .unwrap();
         assert!(!t.has_eventfd(irq::MSIX, 2));
+    }
+
+    #[test]
+    fn only_eventfds_are_accepted_and_a_full_counter_never_blocks() {
+        let mut t = IrqTable::new_pci(1, 1, 4);
+        let (read_end, write_end) = nix::unistd::pipe().unwrap();
+        let err = assign(&mut t, irq::MSIX, 0, vec![write_end]).unwrap_err();
+        assert!(matches!(
+            err,
+            DeviceError::CheckIrqFd {
+                index: 2,
+                vector: 0
+            }
+        ));
+        assert_eq!(err.errno(), Errno::EINVAL);
+        drop(read_end);
+
+        // A blocking eventfd whose counter is at its maximum: a plain write would block forever.
+        let full = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC).unwrap();
+        full.write(u64::MAX - 1).unwrap();
+        let fd = full.as_fd().try_clone_to_owned().unwrap();
+        assign(&mut t, irq::MSIX, 0, vec![fd]).unwrap();
+        t.trigger(irq::MSIX, 0).unwrap();
+        assert_eq!(
+            full.read().unwrap(),
+            u64::MAX - 1,
+            "nothing was added, nothing blocked"
+        );
     }
 }

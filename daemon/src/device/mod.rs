@@ -59,6 +59,8 @@ pub enum DeviceError {
         count: u32,
         vectors: u32,
     },
+    #[error("the fd for IRQ index {index} vector {vector} is not an eventfd")]
+    CheckIrqFd { index: u32, vector: u32 },
     #[error("IRQ index {index} does not support {what}")]
     CheckIrqAction { index: u32, what: &'static str },
     #[error("signalling an interrupt eventfd failed")]

@@ -621,10 +621,16 @@ impl Dispatcher {
                 Ok(Answer::bytes(prefix.as_bytes().to_vec()))
             }
             Request::DeviceReset => {
-                self.device.reset().map_err(|e| {
-                    tracing::warn!(device = %self.name, error = %e, "reset failed");
-                    e.errno()
-                })?;
+                // Reset may wait for the device's running job to stop; that job needs a worker
+                // thread to be cancelled on, so the wait must not occupy one.
+                let device = Arc::clone(&self.device);
+                tokio::task::spawn_blocking(move || device.reset())
+                    .await
+                    .map_err(|_| Errno::EIO)?
+                    .map_err(|e| {
+                        tracing::warn!(device = %self.name, error = %e, "reset failed");
+                        e.errno()
+                    })?;
                 tracing::info!(device = %self.name, "device reset");
                 Ok(Answer::empty())
             }
@@ -669,6 +675,17 @@ impl Dispatcher {
         Ok(done)
     }
 
+    /// Detaches the device off the worker threads, for the same reason as reset.
+    async fn detach_device(&self) {
+        let device = Arc::clone(&self.device);
+        if tokio::task::spawn_blocking(move || device.detach())
+            .await
+            .is_err()
+        {
+            tracing::error!(device = %self.name, "detaching the device panicked");
+        }
+    }
+
     /// Drops everything the client gave us; the device keeps its own state.
     async fn teardown(&mut self) {
         if let Some(memory) = self.memory.take() {
@@ -689,10 +706,10 @@ impl Dispatcher {
                 }
                 self.device.dma_unmapped(&r);
             }
-            self.device.detach();
+            self.detach_device().await;
             tracing::debug!(device = %self.name, maps = count, "DMA maps released");
         } else {
-            self.device.detach();
+            self.detach_device().await;
         }
     }
 }

@@ -170,6 +170,53 @@ struct State {
     memory: Option<Arc<GuestMemory>>,
     /// Bumped by reset and detach so a job that started before completes into nothing.
     generation: u64,
+    /// The job the engine is running, if any.
+    job: Option<RunningJob>,
+}
+
+/// A spawned job: how to stop it and how to learn that it stopped.
+#[derive(Debug)]
+struct RunningJob {
+    abort: tokio::task::AbortHandle,
+    stopped: Arc<JobStopped>,
+}
+
+/// Set when a job's task ends, whether it completed or was aborted.
+#[derive(Debug, Default)]
+struct JobStopped {
+    done: Mutex<bool>,
+    cv: std::sync::Condvar,
+}
+
+/// Marks the job stopped when dropped, which also happens when its task is aborted.
+struct StoppedOnDrop(Arc<JobStopped>);
+
+impl Drop for StoppedOnDrop {
+    fn drop(&mut self) {
+        *self.0.done.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.0.cv.notify_all();
+    }
+}
+
+/// How long reset and detach wait for a cancelled job to stop. A job stops at its next await,
+/// after at most one 64 KiB copy, so this is only reached if the runtime is wedged.
+const JOB_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl RunningJob {
+    /// Aborts the job and waits until its task has ended, so that it touches guest memory no
+    /// more. Must be called without the device lock: a finishing job takes it.
+    fn stop(self, device: &str) {
+        self.abort.abort();
+        let done = self.stopped.done.lock().unwrap_or_else(|p| p.into_inner());
+        let (done, timeout) = self
+            .stopped
+            .cv
+            .wait_timeout_while(done, JOB_STOP_TIMEOUT, |d| !*d)
+            .unwrap_or_else(|p| p.into_inner());
+        if !*done && timeout.timed_out() {
+            tracing::error!(device, "a cancelled DMA job did not stop within 2 s");
+        }
+    }
 }
 
 /// The ats-dma device model.
@@ -266,9 +313,22 @@ impl AtsDma {
     pub fn new(request: &PolicyRequest<'_>) -> Result<AtsDma, AtsDmaError> {
         let config = build_config_space(!request.pasid_cap_hidden);
         let view = virtual_config::build(config.bytes(), request)?;
-        let bar2 = memfd_create(c"vfud-ats-dma-bar2", MemFdCreateFlag::MFD_CLOEXEC)
-            .map_err(AtsDmaError::CreateBar2)?;
+        // Sealed at its size: clients mmap it, and one that could shrink it would make the
+        // next client's (or our own) accesses fault.
+        let bar2 = memfd_create(
+            c"vfud-ats-dma-bar2",
+            MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
+        )
+        .map_err(AtsDmaError::CreateBar2)?;
         nix::unistd::ftruncate(&bar2, BAR2_SIZE as i64).map_err(AtsDmaError::CreateBar2)?;
+        let seals = nix::fcntl::SealFlag::F_SEAL_SHRINK
+            | nix::fcntl::SealFlag::F_SEAL_GROW
+            | nix::fcntl::SealFlag::F_SEAL_SEAL;
+        nix::fcntl::fcntl(
+            std::os::fd::AsRawFd::as_raw_fd(&bar2),
+            nix::fcntl::FcntlArg::F_ADD_SEALS(seals),
+        )
+        .map_err(AtsDmaError::CreateBar2)?;
         Ok(AtsDma {
             name: request.device_name.to_string(),
             state: Arc::new(Mutex::new(State {
@@ -279,6 +339,7 @@ impl AtsDma {
                 irqs: IrqTable::new_pci(1, 1, MSIX_VECTORS).with_err_notifier(),
                 memory: None,
                 generation: 0,
+                job: None,
             })),
             bar2: Arc::new(bar2),
         })
@@ -502,7 +563,10 @@ impl AtsDma {
             Self::finish(st, &job, ERR_NO_CLIENT, None, &self.name);
             return;
         };
-        rt.spawn(async move {
+        let stopped = Arc::new(JobStopped::default());
+        let on_drop = StoppedOnDrop(Arc::clone(&stopped));
+        let task = rt.spawn(async move {
+            let _stopped = on_drop;
             let outcome = run_job(&memory, &job).await;
             let mut st = lock(&state);
             match outcome {
@@ -512,6 +576,10 @@ impl AtsDma {
                     Self::finish(&mut st, &job, ERR_DMA_FAULT, None, &name)
                 }
             }
+        });
+        st.job = Some(RunningJob {
+            abort: task.abort_handle(),
+            stopped,
         });
     }
 }
@@ -664,6 +732,11 @@ impl Device for AtsDma {
     fn reset(&self) -> Result<(), DeviceError> {
         let mut st = lock(&self.state);
         st.generation = st.generation.wrapping_add(1);
+        if let Some(job) = st.job.take() {
+            drop(st);
+            job.stop(&self.name);
+            st = lock(&self.state);
+        }
         st.regs = Registers::default();
         st.config.reset();
         st.view.reset();
@@ -682,6 +755,11 @@ impl Device for AtsDma {
 
     fn detach(&self) {
         let mut st = lock(&self.state);
+        if let Some(job) = st.job.take() {
+            drop(st);
+            job.stop(&self.name);
+            st = lock(&self.state);
+        }
         st.memory = None;
         st.irqs.clear();
         if st.regs.status == STATUS_BUSY {
