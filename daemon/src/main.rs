@@ -117,20 +117,41 @@ async fn serve(configs: Vec<DeviceConfig>) -> anyhow::Result<()> {
             qemu_argument(server.socket())
         );
     }
-    let tasks: Vec<_> = servers
-        .into_iter()
-        .map(|(_, s)| tokio::spawn(s.serve(shutdown_rx.clone())))
-        .collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut names = std::collections::HashMap::new();
+    for (cfg, server) in servers {
+        let id = tasks.spawn(server.serve(shutdown_rx.clone())).id();
+        names.insert(id, cfg.name.clone());
+    }
     tracing::info!(devices = tasks.len(), refused, "ready");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received, shutting down"),
-        _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {
+                tracing::info!("SIGINT received, shutting down");
+                break;
+            }
+            _ = term.recv() => {
+                tracing::info!("SIGTERM received, shutting down");
+                break;
+            }
+            Some(ended) = tasks.join_next_with_id() => {
+                // A device's server only returns on shutdown; anything else is a bug. The other
+                // devices keep serving; with none left the daemon exits non-zero to be restarted.
+                let (id, why) = match ended {
+                    Ok((id, ())) => (id, "stopped unexpectedly".to_string()),
+                    Err(e) => (e.id(), if e.is_panic() { "panicked".into() } else { e.to_string() }),
+                };
+                let name = names.get(&id).map_or("?", String::as_str);
+                tracing::error!(device = %name, "the device's server {why}; it no longer serves");
+                if tasks.is_empty() {
+                    anyhow::bail!("no device is being served any more");
+                }
+            }
+        }
     }
     let _ = shutdown_tx.send(true);
-    for t in tasks {
-        let _ = t.await;
-    }
+    while tasks.join_next().await.is_some() {}
     Ok(())
 }
 

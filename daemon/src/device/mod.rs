@@ -65,6 +65,8 @@ pub enum DeviceError {
     CheckIrqAction { index: u32, what: &'static str },
     #[error("signalling an interrupt eventfd failed")]
     SignalIrq(#[source] Errno),
+    #[error("clearing device memory on reset failed")]
+    ClearMemory(#[source] Errno),
     #[error("the operation is not supported by this device")]
     Unsupported,
 }
@@ -73,7 +75,7 @@ impl DeviceError {
     /// The errno for the error reply.
     pub fn errno(&self) -> Errno {
         match self {
-            DeviceError::SignalIrq(e) => *e,
+            DeviceError::SignalIrq(e) | DeviceError::ClearMemory(e) => *e,
             DeviceError::Unsupported => Errno::ENOTSUP,
             _ => Errno::EINVAL,
         }

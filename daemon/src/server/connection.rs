@@ -112,9 +112,19 @@ impl Writer {
             }
             Ok(())
         };
-        tokio::time::timeout(SEND_TIMEOUT, work)
+        let result = tokio::time::timeout(SEND_TIMEOUT, work)
             .await
-            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
+            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))
+            .and_then(|r| r);
+        if result.is_err() {
+            // A message may be half on the wire; nothing sent after it could be framed by the
+            // client. End the connection instead of desynchronizing it.
+            let _ = nix::sys::socket::shutdown(
+                std::os::fd::AsRawFd::as_raw_fd(&*self.stream),
+                nix::sys::socket::Shutdown::Both,
+            );
+        }
+        result
     }
 }
 
@@ -163,7 +173,8 @@ async fn read_loop(
                     Some(tx) => {
                         let _ = tx.send(f);
                     }
-                    None => tracing::warn!(
+                    // Debug, not warn: a client could otherwise flood the log.
+                    None => tracing::debug!(
                         msg_id = f.header.msg_id,
                         "dropping a reply to no outstanding request"
                     ),

@@ -745,7 +745,7 @@ impl Device for AtsDma {
         st.msix_table.fill(0);
         drop(st);
         let zero = vec![0u8; BAR2_SIZE as usize];
-        nix::sys::uio::pwrite(&*self.bar2, &zero, 0).map_err(DeviceError::SignalIrq)?;
+        nix::sys::uio::pwrite(&*self.bar2, &zero, 0).map_err(DeviceError::ClearMemory)?;
         Ok(())
     }
 
