@@ -621,3 +621,34 @@ fn reset_stops_a_running_job_before_it_replies() {
         "reset waited for the job to time out"
     );
 }
+
+#[test]
+fn intx_resample_eventfd_unmasks_the_line_as_kvm_expects() {
+    let d = Daemon::start();
+    let mut c = d.client();
+    let ram = GuestRam::new(0x10000);
+    c.dma_map(0, ram.size, RW, Some((ram.fd(), 0))).unwrap();
+    let trigger = eventfd();
+    let resample = eventfd();
+    let eventfd_trigger = wire::IRQ_SET_DATA_EVENTFD | wire::IRQ_SET_ACTION_TRIGGER;
+    let eventfd_unmask = wire::IRQ_SET_DATA_EVENTFD | wire::IRQ_SET_ACTION_UNMASK;
+    c.set_irqs(irq::INTX, eventfd_trigger, 0, 1, &[trigger.as_fd()], &[])
+        .unwrap();
+    // QEMU with KVM registers the resample eventfd as INTx's unmask trigger.
+    c.set_irqs(irq::INTX, eventfd_unmask, 0, 1, &[resample.as_fd()], &[])
+        .unwrap();
+    start(&mut c, OP_FILL, 0, 0, 64, 7, true);
+    assert_eq!(wait_eventfd(&trigger, Duration::from_secs(10)), 1);
+    assert_eq!(wait_idle(&mut c).0, STATUS_DONE);
+    // INTx masked itself and the line stays asserted (IRQ_STATUS not acknowledged). On the
+    // guest's EOI KVM signals the resample eventfd and sends no UNMASK message: vfud must unmask
+    // and, the line still being asserted, signal it again.
+    resample.write(1).unwrap();
+    assert_eq!(wait_eventfd(&trigger, Duration::from_secs(10)), 1);
+    // Masking through an eventfd is not defined by VFIO.
+    let mask = wire::IRQ_SET_DATA_EVENTFD | wire::IRQ_SET_ACTION_MASK;
+    let e = c
+        .set_irqs(irq::INTX, mask, 0, 1, &[resample.as_fd()], &[])
+        .unwrap_err();
+    assert_eq!(e.server_errno(), Some(nix::errno::Errno::EINVAL));
+}

@@ -14,6 +14,7 @@
 //! `pci_check_and_mask_intx`, used by uio_pci_generic and vfio-pci) depend on both bits.
 
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
 
 use nix::errno::Errno;
 use vfu_protocol::command::irq;
@@ -63,6 +64,9 @@ impl IntxLine {
 pub struct IrqTable {
     indexes: Vec<Index>,
     intx: IntxLine,
+    /// INTx unmask trigger (KVM's resample eventfd): signalling it unmasks INTx, as if the
+    /// client had sent UNMASK. The device model watches it; see [`IrqTable::intx_unmask_fd`].
+    intx_unmask_fd: Option<Arc<OwnedFd>>,
 }
 
 /// Writes 1 to an eventfd, the way the kernel signals an interrupt.
@@ -117,6 +121,7 @@ impl IrqTable {
                 index(IRQ_INFO_EVENTFD, 0),
             ],
             intx: IntxLine::default(),
+            intx_unmask_fd: None,
         }
     }
 
@@ -213,6 +218,26 @@ impl IrqTable {
                 }
                 Ok(())
             }
+            (IrqAction::Unmask, IrqData::Eventfds(fds)) if maskable && index == irq::INTX => {
+                // An unmask trigger (KVM's INTx resample eventfd), not an unmask now: QEMU sends
+                // the actual UNMASK separately. No fd de-registers it.
+                match fds.into_iter().next() {
+                    None => self.intx_unmask_fd = None,
+                    Some(fd) => {
+                        if !is_eventfd(&fd) {
+                            return Err(DeviceError::CheckIrqFd { index, vector: 0 });
+                        }
+                        self.intx_unmask_fd = Some(Arc::new(fd));
+                    }
+                }
+                Ok(())
+            }
+            (IrqAction::Mask | IrqAction::Unmask, IrqData::Eventfds(_)) => {
+                Err(DeviceError::CheckIrqAction {
+                    index,
+                    what: "masking or unmasking through eventfds (only the INTx unmask trigger)",
+                })
+            }
             (action @ (IrqAction::Mask | IrqAction::Unmask), data) => {
                 if !maskable {
                     return Err(DeviceError::CheckIrqAction {
@@ -222,10 +247,7 @@ impl IrqTable {
                 }
                 let apply: Vec<bool> = match data {
                     IrqData::Bool(b) => b,
-                    IrqData::None => vec![true; range.len()],
-                    // Resample/mask eventfds (KVM irqfd resampling) are not used by emulated
-                    // devices; accept them as "apply" so QEMU's INTx setup succeeds.
-                    IrqData::Eventfds(_) => vec![true; range.len()],
+                    _ => vec![true; range.len()],
                 };
                 // An INTx line that is still asserted when unmasked is signalled again, as vfio
                 // does: the client may have deasserted its side on a guest EOI.
@@ -350,11 +372,29 @@ impl IrqTable {
     /// Closes every eventfd and clears masks (the client is gone). The INTx line is device
     /// state and survives.
     pub fn clear(&mut self) {
+        self.intx_unmask_fd = None;
         for i in &mut self.indexes {
             for v in &mut i.vectors {
                 *v = Vector::default();
             }
         }
+    }
+
+    /// The INTx unmask trigger the client registered, if any. Whoever owns the table watches
+    /// it and calls [`Self::unmask_intx`] each time it is signalled.
+    pub fn intx_unmask_fd(&self) -> Option<Arc<OwnedFd>> {
+        self.intx_unmask_fd.clone()
+    }
+
+    /// Unmasks INTx as an UNMASK message would: a line still asserted is signalled again.
+    pub fn unmask_intx(&mut self) -> Result<(), DeviceError> {
+        self.set(SetIrqsRequest {
+            index: irq::INTX,
+            start: 0,
+            count: 1,
+            action: IrqAction::Unmask,
+            data: IrqData::None,
+        })
     }
 
     /// Device reset: the line is deasserted and INTx Disable cleared (Command resets to 0).

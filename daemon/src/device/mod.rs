@@ -5,6 +5,7 @@
 //! Host devices (iommufd) and emulated models implement the same trait.
 
 pub mod emulated;
+pub mod eventfd;
 pub mod irq;
 
 use std::sync::Arc;

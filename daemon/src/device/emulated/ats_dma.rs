@@ -30,6 +30,7 @@ use vfu_protocol::wire::{
     REGION_FLAG_WRITE,
 };
 
+use crate::device::eventfd::EventfdWatch;
 use crate::device::irq::IrqTable;
 
 /// Config-space offsets of the Command and Status registers (INTx Disable, Interrupt Status).
@@ -172,6 +173,16 @@ struct State {
     generation: u64,
     /// The job the engine is running, if any.
     job: Option<RunningJob>,
+    /// The task watching the client's INTx unmask trigger, if one is registered.
+    unmask_watch: Option<UnmaskWatch>,
+}
+
+/// A task that unmasks INTx whenever the client's unmask trigger (KVM's resample eventfd, which
+/// KVM signals on the guest's EOI) fires.
+#[derive(Debug)]
+struct UnmaskWatch {
+    fd: Arc<OwnedFd>,
+    task: tokio::task::AbortHandle,
 }
 
 /// A spawned job: how to stop it and how to learn that it stopped.
@@ -340,6 +351,7 @@ impl AtsDma {
                 memory: None,
                 generation: 0,
                 job: None,
+                unmask_watch: None,
             })),
             bar2: Arc::new(bar2),
         })
@@ -522,6 +534,50 @@ impl AtsDma {
             }
             Err(e) => tracing::warn!(device = name, error = %e, "INTx update failed"),
         }
+    }
+
+    /// Starts, replaces or stops the task watching the INTx unmask trigger so that it follows
+    /// what the client registered.
+    fn watch_unmask_fd(&self, st: &mut State) {
+        let wanted = st.irqs.intx_unmask_fd();
+        let unchanged = match (&st.unmask_watch, &wanted) {
+            (Some(w), Some(fd)) => Arc::ptr_eq(&w.fd, fd),
+            (None, None) => true,
+            _ => false,
+        };
+        if unchanged {
+            return;
+        }
+        if let Some(old) = st.unmask_watch.take() {
+            old.task.abort();
+        }
+        let Some(fd) = wanted else { return };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(device = %self.name, "no runtime to watch the INTx unmask trigger");
+            return;
+        };
+        let state = Arc::clone(&self.state);
+        let name = self.name.clone();
+        let watched = Arc::clone(&fd);
+        let task = rt.spawn(async move {
+            let watch = match EventfdWatch::new(watched) {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::warn!(device = %name, error = %e, "cannot watch the INTx unmask trigger");
+                    return;
+                }
+            };
+            while watch.signalled().await.is_ok() {
+                let mut st = lock(&state);
+                if let Err(e) = st.irqs.unmask_intx() {
+                    tracing::warn!(device = %name, error = %e, "INTx unmask on resample failed");
+                }
+            }
+        });
+        st.unmask_watch = Some(UnmaskWatch {
+            fd,
+            task: task.abort_handle(),
+        });
     }
 
     fn doorbell(&self, st: &mut State, cmd: u32) {
@@ -726,7 +782,10 @@ impl Device for AtsDma {
     }
 
     fn set_irqs(&self, request: SetIrqsRequest) -> Result<(), DeviceError> {
-        lock(&self.state).irqs.set(request)
+        let mut st = lock(&self.state);
+        st.irqs.set(request)?;
+        self.watch_unmask_fd(&mut st);
+        Ok(())
     }
 
     fn reset(&self) -> Result<(), DeviceError> {
@@ -762,6 +821,9 @@ impl Device for AtsDma {
         }
         st.memory = None;
         st.irqs.clear();
+        if let Some(watch) = st.unmask_watch.take() {
+            watch.task.abort();
+        }
         if st.regs.status == STATUS_BUSY {
             // The job's memory is being torn down; it cannot complete for anyone.
             st.generation = st.generation.wrapping_add(1);
