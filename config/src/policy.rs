@@ -232,6 +232,21 @@ pub struct CapabilityPolicies {
     pub pri: PolicySetting,
 }
 
+impl CapabilityPolicies {
+    /// Policies set explicitly in the configuration, not taken from a compat level.
+    pub fn explicit(
+        ats: CapabilityPolicy,
+        pasid: CapabilityPolicy,
+        pri: CapabilityPolicy,
+    ) -> CapabilityPolicies {
+        CapabilityPolicies {
+            ats: PolicySetting::explicit(ats),
+            pasid: PolicySetting::explicit(pasid),
+            pri: PolicySetting::explicit(pri),
+        }
+    }
+}
+
 impl Default for CapabilityPolicies {
     fn default() -> Self {
         CompatLevel::CURRENT.resolve(None, None, None)

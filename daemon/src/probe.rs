@@ -116,14 +116,8 @@ fn bit(v: u32, b: u32) -> String {
 
 /// Decodes the registers of the capabilities vfud manages (ATS, PASID, PRI) and a few others.
 fn decode(cs: &[u8], e: &caps::CapabilityEntry) -> Vec<(String, String)> {
-    let u16_at = |o: usize| {
-        cs.get(o..o + 2)
-            .map_or(0, |b| u32::from(u16::from_le_bytes([b[0], b[1]])))
-    };
-    let u32_at = |o: usize| {
-        cs.get(o..o + 4)
-            .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    };
+    let u16_at = |o: usize| u32::from(caps::u16_at(cs, o));
+    let u32_at = |o: usize| caps::u32_at(cs, o);
     let o = e.offset;
     let mut r = Vec::new();
     let mut push = |k: &str, v: String| r.push((k.to_string(), v));
@@ -287,10 +281,7 @@ pub fn probe(socket: &Path) -> Result<ProbeReport, ProbeError> {
         extended: e.extended,
         registers: decode(&cs, e),
     };
-    let u16_at = |o: usize| {
-        cs.get(o..o + 2)
-            .map_or(0, |b| u16::from_le_bytes([b[0], b[1]]))
-    };
+    let u16_at = |o: usize| caps::u16_at(&cs, o);
     Ok(ProbeReport {
         socket: socket.display().to_string(),
         version: server

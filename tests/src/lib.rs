@@ -67,48 +67,7 @@ pub struct Daemon {
 impl Daemon {
     /// Starts vfud with a config file for device `demo0` and waits until its socket accepts.
     pub fn start() -> Daemon {
-        let dir = unique_dir();
-        let socket = dir.join("demo0.sock");
-        let config = dir.join("demo0.json");
-        std::fs::write(
-            &config,
-            format!(
-                r#"{{"version":1,"name":"demo0","socket":"{}","device":{{"type":"emulated","model":"ats-dma"}}}}"#,
-                socket.display()
-            ),
-        )
-        .expect("writing the device config");
-        let log = dir.join("vfud.log");
-        let child = Command::new(vfud_bin())
-            .args(["--log-level", "debug", "run", "--config"])
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("spawning vfud");
-        let mut d = Daemon {
-            child,
-            dir,
-            socket,
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !d.socket.exists() {
-            if let Ok(Some(status)) = d.child.try_wait() {
-                panic!(
-                    "vfud exited with {status} before listening:\n{}",
-                    d.log_text()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "vfud did not create its socket:\n{}",
-                d.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        d
+        Daemon::start_with_configs(&[("demo0", r#"{"type":"emulated","model":"ats-dma"}"#)])
     }
 
     /// Starts vfud serving several devices, one configuration file each: `devices` holds

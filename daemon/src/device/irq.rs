@@ -462,17 +462,6 @@ mod tests {
         assert_eq!(count(&m_ev), 1);
     }
 
-    fn unmask_intx(t: &mut IrqTable) {
-        t.set(SetIrqsRequest {
-            index: irq::INTX,
-            start: 0,
-            count: 1,
-            action: IrqAction::Unmask,
-            data: IrqData::None,
-        })
-        .unwrap();
-    }
-
     #[test]
     fn intx_is_a_level_line_that_intx_disable_gates() {
         let mut t = IrqTable::new_pci(1, 1, 4);
@@ -489,18 +478,18 @@ mod tests {
         assert!(t.set_intx_disabled(false).unwrap());
         assert_eq!(count(&ev), 1);
         // Still asserted: an UNMASK (the client's EOI) signals again, as vfio does.
-        unmask_intx(&mut t);
+        t.unmask_intx().unwrap();
         assert_eq!(count(&ev), 1);
         // Deasserted while masked: nothing is left pending for the unmask.
         t.set_intx_level(false).unwrap();
-        unmask_intx(&mut t);
+        t.unmask_intx().unwrap();
         assert_eq!(count(&ev), 0);
         assert!(!t.intx_status());
         // A new rising edge on an unmasked line signals at once.
         assert!(t.set_intx_level(true).unwrap());
         assert_eq!(count(&ev), 1);
         // Asserting an asserted line is not a new edge.
-        unmask_intx(&mut t);
+        t.unmask_intx().unwrap();
         assert_eq!(count(&ev), 1);
         assert!(!t.set_intx_level(true).unwrap());
         assert_eq!(count(&ev), 0);
@@ -516,7 +505,7 @@ mod tests {
         // Masked now. The guest's handler sets INTx Disable, the client unmasks on EOI: the
         // line is asserted but disabled, so nothing is signalled.
         t.set_intx_disabled(true).unwrap();
-        unmask_intx(&mut t);
+        t.unmask_intx().unwrap();
         assert_eq!(count(&ev), 0);
         // The guest acknowledges in the device, then re-enables INTx: still quiet.
         t.set_intx_level(false).unwrap();

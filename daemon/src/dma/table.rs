@@ -139,17 +139,12 @@ pub struct DmaProt {
 }
 
 impl DmaProt {
-    /// DMA_MAP flag bit granting read access.
-    pub const FLAG_READ: u32 = 1 << 0;
-    /// DMA_MAP flag bit granting write access.
-    pub const FLAG_WRITE: u32 = 1 << 1;
-
     /// Decode the protection bits of DMA_MAP flags; other bits are ignored
     /// (the caller validates unknown flags).
     pub fn from_map_flags(flags: u32) -> Self {
         Self {
-            read: flags & Self::FLAG_READ != 0,
-            write: flags & Self::FLAG_WRITE != 0,
+            read: flags & vfu_protocol::wire::DMA_MAP_FLAG_READ != 0,
+            write: flags & vfu_protocol::wire::DMA_MAP_FLAG_WRITE != 0,
         }
     }
 }

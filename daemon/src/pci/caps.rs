@@ -236,18 +236,19 @@ pub struct CapabilityChain {
     pub extended_error: Option<WalkError>,
 }
 
-fn u16_at(bytes: &[u8], at: usize) -> u16 {
-    match bytes.get(at..at + 2) {
-        Some(b) => u16::from_le_bytes([b[0], b[1]]),
-        None => 0,
-    }
+/// The little-endian u16 at `at` of config-space bytes; 0 when it does not fit, which is what
+/// reading past the end of config space yields on the bus.
+pub fn u16_at(bytes: &[u8], at: usize) -> u16 {
+    at.checked_add(2)
+        .and_then(|end| bytes.get(at..end))
+        .map_or(0, |b| u16::from_le_bytes([b[0], b[1]]))
 }
 
-fn u32_at(bytes: &[u8], at: usize) -> u32 {
-    match bytes.get(at..at + 4) {
-        Some(b) => u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-        None => 0,
-    }
+/// The little-endian u32 at `at` of config-space bytes; 0 when it does not fit.
+pub fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    at.checked_add(4)
+        .and_then(|end| bytes.get(at..end))
+        .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 impl CapabilityChain {

@@ -231,16 +231,12 @@ impl ConfigSpace {
 
     /// Little-endian u16 at `offset` (0 if out of range).
     pub fn u16_at(&self, offset: usize) -> u16 {
-        self.bytes
-            .get(offset..offset + 2)
-            .map_or(0, |b| u16::from_le_bytes([b[0], b[1]]))
+        super::caps::u16_at(&self.bytes, offset)
     }
 
     /// Little-endian u32 at `offset` (0 if out of range).
     pub fn u32_at(&self, offset: usize) -> u32 {
-        self.bytes
-            .get(offset..offset + 4)
-            .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        super::caps::u32_at(&self.bytes, offset)
     }
 
     /// Sets a register from the model side (not masked), e.g. a status bit the device raises.

@@ -518,11 +518,7 @@ mod tests {
         pasid: CapabilityPolicy,
         pri: CapabilityPolicy,
     ) -> CapabilityPolicies {
-        CapabilityPolicies {
-            ats: PolicySetting::explicit(ats),
-            pasid: PolicySetting::explicit(pasid),
-            pri: PolicySetting::explicit(pri),
-        }
+        CapabilityPolicies::explicit(ats, pasid, pri)
     }
 
     /// Every policy x device-has-ATS x host-supports-ATS combination, with the expected

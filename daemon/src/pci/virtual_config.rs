@@ -202,17 +202,7 @@ pub struct VirtualConfigSpace {
     exposed: ExposedOffsets,
 }
 
-fn u16_at(bytes: &[u8], at: usize) -> u16 {
-    bytes
-        .get(at..at + 2)
-        .map_or(0, |b| u16::from_le_bytes([b[0], b[1]]))
-}
-
-fn u32_at(bytes: &[u8], at: usize) -> u32 {
-    bytes
-        .get(at..at + 4)
-        .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-}
+use super::caps::{u16_at, u32_at};
 
 /// Applies the policy of `request` to `device`, the device's own config space.
 pub fn build(

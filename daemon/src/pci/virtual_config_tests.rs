@@ -70,11 +70,7 @@ fn explicit(
     pasid: CapabilityPolicy,
     pri: CapabilityPolicy,
 ) -> CapabilityPolicies {
-    CapabilityPolicies {
-        ats: PolicySetting::explicit(ats),
-        pasid: PolicySetting::explicit(pasid),
-        pri: PolicySetting::explicit(pri),
-    }
+    CapabilityPolicies::explicit(ats, pasid, pri)
 }
 
 fn request(policies: CapabilityPolicies) -> PolicyRequest<'static> {
