@@ -789,7 +789,10 @@ mod json_schema {
             "\"pasid_cap_offset\"",
             "\"pasid_cap_hidden\"",
         ] {
-            assert!(text.contains(field), "{field} missing from the schema: {text}");
+            assert!(
+                text.contains(field),
+                "{field} missing from the schema: {text}"
+            );
         }
     }
 }

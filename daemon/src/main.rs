@@ -199,7 +199,12 @@ fn json_text<T: serde::Serialize>(value: &T) -> anyhow::Result<String> {
     Ok(serde_json::to_string_pretty(value)?)
 }
 
-fn status(path: &Path, device: Option<String>, json: bool, watch: Option<f64>) -> anyhow::Result<()> {
+fn status(
+    path: &Path,
+    device: Option<String>,
+    json: bool,
+    watch: Option<f64>,
+) -> anyhow::Result<()> {
     let request = match device {
         Some(name) => ControlRequest::Device { name },
         None => ControlRequest::Status,
@@ -349,6 +354,9 @@ fn main() -> ExitCode {
                 Err(e) => exit_with(Err(e.into())),
             }
         }
-        command => exit_with(client_command(command, &control_socket(&cli.control_socket))),
+        command => exit_with(client_command(
+            command,
+            &control_socket(&cli.control_socket),
+        )),
     }
 }

@@ -153,7 +153,11 @@ fn supplementary_groups(pid: i32) -> Vec<u32> {
     status
         .lines()
         .find_map(|l| l.strip_prefix("Groups:"))
-        .map(|g| g.split_whitespace().filter_map(|n| n.parse().ok()).collect())
+        .map(|g| {
+            g.split_whitespace()
+                .filter_map(|n| n.parse().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -231,7 +235,11 @@ impl ControlServer {
 
     /// Accepts control connections until `shutdown`, forwarding each request to `calls`;
     /// then removes the socket.
-    pub async fn serve(self, calls: mpsc::Sender<ControlCall>, mut shutdown: watch::Receiver<bool>) {
+    pub async fn serve(
+        self,
+        calls: mpsc::Sender<ControlCall>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         let mut connections = tokio::task::JoinSet::new();
         loop {
@@ -306,9 +314,7 @@ async fn serve_connection(
             return;
         }
         let response = if n as u64 > MAX_REQUEST_BYTES {
-            ControlResponse::error(format!(
-                "request longer than {MAX_REQUEST_BYTES} bytes"
-            ))
+            ControlResponse::error(format!("request longer than {MAX_REQUEST_BYTES} bytes"))
         } else {
             match serde_json::from_str::<ControlRequest>(&line) {
                 Err(e) => ControlResponse::error(format!(
@@ -418,9 +424,15 @@ mod tests {
         ];
         for (request, text) in cases {
             assert_eq!(serde_json::to_string(&request).unwrap(), text);
-            assert_eq!(serde_json::from_str::<ControlRequest>(text).unwrap(), request);
+            assert_eq!(
+                serde_json::from_str::<ControlRequest>(text).unwrap(),
+                request
+            );
         }
-        assert!(serde_json::from_str::<ControlRequest>(r#"{"request":"device","name":"a","x":1}"#).is_err());
+        assert!(
+            serde_json::from_str::<ControlRequest>(r#"{"request":"device","name":"a","x":1}"#)
+                .is_err()
+        );
         assert!(serde_json::from_str::<ControlRequest>(r#"{"request":"format-disk"}"#).is_err());
     }
 
@@ -433,7 +445,10 @@ mod tests {
         assert!(a.check(0, 0, None).is_ok());
         assert!(a.check(1000, 500, None).is_ok());
         let refused = a.check(1000, 1000, None).unwrap_err();
-        assert!(refused.contains("uid 1000") && refused.contains("gid 500"), "{refused}");
+        assert!(
+            refused.contains("uid 1000") && refused.contains("gid 500"),
+            "{refused}"
+        );
         let no_group = Access {
             owner: Uid::from_raw(0),
             group: None,

@@ -61,7 +61,11 @@ where
 pub fn render(status: &DaemonStatus) -> Result<String, std::fmt::Error> {
     let mut r = Registry::with_prefix("vfud");
     let uptime = GaugeF::default();
-    r.register("uptime_seconds", "Seconds since the daemon started", uptime.clone());
+    r.register(
+        "uptime_seconds",
+        "Seconds since the daemon started",
+        uptime.clone(),
+    );
     uptime.set(status.uptime_seconds);
     let invalid = Gauge::<i64>::default();
     r.register(
@@ -113,8 +117,11 @@ pub fn render(status: &DaemonStatus) -> Result<String, std::fmt::Error> {
         "ats_translation_requests",
         "ATS translation requests the device sent",
     );
-    let ats_hits: Family<DeviceLabels, Counter> =
-        family(&mut r, "ats_atc_hits", "Accesses answered from the device ATC");
+    let ats_hits: Family<DeviceLabels, Counter> = family(
+        &mut r,
+        "ats_atc_hits",
+        "Accesses answered from the device ATC",
+    );
     let ats_misses: Family<DeviceLabels, Counter> = family(
         &mut r,
         "ats_atc_misses",

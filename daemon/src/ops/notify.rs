@@ -62,7 +62,10 @@ impl Notifier {
             std::env::var("WATCHDOG_PID").ok().as_deref(),
             std::process::id(),
         );
-        let Some(path) = std::env::var("NOTIFY_SOCKET").ok().filter(|p| !p.is_empty()) else {
+        let Some(path) = std::env::var("NOTIFY_SOCKET")
+            .ok()
+            .filter(|p| !p.is_empty())
+        else {
             return Ok(Notifier {
                 target: None,
                 watchdog,
@@ -116,7 +119,10 @@ impl Notifier {
     /// must not stop the devices.
     pub fn send(&self, state: &str) {
         if let Err(e) = self.notify(state) {
-            tracing::warn!("sd_notify failed: {}", crate::server::supervisor::error_chain(&e));
+            tracing::warn!(
+                "sd_notify failed: {}",
+                crate::server::supervisor::error_chain(&e)
+            );
         }
     }
 

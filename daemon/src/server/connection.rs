@@ -19,6 +19,7 @@ use nix::errno::Errno;
 use tokio::io::Interest;
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch};
+use tracing::Instrument;
 use vfu_protocol::command::Command;
 use vfu_protocol::dma::{self, DmaLayout};
 use vfu_protocol::fdio::{self, FdIoError};
@@ -27,7 +28,6 @@ use vfu_protocol::negotiate::{self, Negotiated, ServerLimits};
 use vfu_protocol::reply;
 use vfu_protocol::request::{MultiWrite, Request};
 use vfu_protocol::wire::{self, Header, FLAG_NO_REPLY, FLAG_TYPE_COMMAND, FLAG_TYPE_REPLY};
-use tracing::Instrument;
 use zerocopy::IntoBytes;
 
 use crate::device::{check_region_access, Device};

@@ -147,9 +147,15 @@ impl DeviceServer {
         .await;
         match reset {
             Ok(Ok(Ok(()))) => tracing::debug!(device = %self.name, "device reset for stopping"),
-            Ok(Ok(Err(e))) => tracing::warn!(device = %self.name, error = %e, "resetting the device on stop failed"),
-            Ok(Err(_)) => tracing::error!(device = %self.name, "resetting the device on stop panicked"),
-            Err(_) => tracing::error!(device = %self.name, "resetting the device on stop took longer than {} s; stopping anyway", STOP_RESET_TIMEOUT.as_secs()),
+            Ok(Ok(Err(e))) => {
+                tracing::warn!(device = %self.name, error = %e, "resetting the device on stop failed")
+            }
+            Ok(Err(_)) => {
+                tracing::error!(device = %self.name, "resetting the device on stop panicked")
+            }
+            Err(_) => {
+                tracing::error!(device = %self.name, "resetting the device on stop took longer than {} s; stopping anyway", STOP_RESET_TIMEOUT.as_secs())
+            }
         }
         drop(self.listener);
         socket::remove(&self.socket, &self.identity);

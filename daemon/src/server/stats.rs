@@ -194,13 +194,27 @@ mod tests {
             .with_table(|t| t.insert(DmaRegion::new(0x1000, 0x3000, prot, DmaBacking::Message)))
             .unwrap();
         let snap = s.snapshot();
-        assert_eq!(snap.dma, DmaUsage { maps: 1, bytes: 0x3000 });
+        assert_eq!(
+            snap.dma,
+            DmaUsage {
+                maps: 1,
+                bytes: 0x3000
+            }
+        );
         assert_eq!(snap.client.as_ref().unwrap().pid, Some(7));
-        let names: Vec<_> = snap.per_command.iter().map(|c| c.command.as_str()).collect();
+        let names: Vec<_> = snap
+            .per_command
+            .iter()
+            .map(|c| c.command.as_str())
+            .collect();
         assert_eq!(names, ["VERSION", "DMA_MAP", "OTHER"]);
         assert_eq!(snap.per_command[1].errors, 1);
         drop(memory);
-        assert_eq!(s.snapshot().dma, DmaUsage::default(), "a gone table has no maps");
+        assert_eq!(
+            s.snapshot().dma,
+            DmaUsage::default(),
+            "a gone table has no maps"
+        );
         s.client_disconnected();
         assert!(s.snapshot().client.is_none());
         assert_eq!(s.snapshot().connections, 1);
