@@ -868,3 +868,27 @@ fn print_schema_describes_the_device_configuration() {
     assert_eq!(required, ["device", "name", "socket", "version"]);
     assert!(out.stdout.windows(9).any(|w| w == b"\"ats-dma\""));
 }
+
+#[test]
+fn status_watch_refreshes_until_interrupted() {
+    let s = Service::start("watch", &[("d0", ATS_DMA)], |_, _| {});
+    let mut watch = Command::new(vfud_bin())
+        .args(["status", "--json", "--watch", "0.1", "--control-socket"])
+        .arg(s.control())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = watch.stdout.take().unwrap();
+    let mut reports = serde_json::Deserializer::from_reader(stdout).into_iter::<Value>();
+    let first = reports.next().unwrap().unwrap();
+    assert_eq!(first["devices"][0]["state"], "listening");
+    let _c = s.client("d0");
+    // A later report sees the client that connected after the first one; 300 reports at
+    // 0.1 s bound the wait.
+    let connected = reports
+        .take(300)
+        .any(|r| r.unwrap()["devices"][0]["state"] == "connected");
+    assert!(connected);
+    let _ = watch.kill();
+    let _ = watch.wait();
+}
