@@ -428,12 +428,15 @@ impl Supervisor {
                 to_start.push((name.clone(), false));
             }
         }
-        for name in &to_stop {
-            if let Some(managed) = self.devices.remove(name) {
+        // Concurrently, so a reload takes one device's stop time at most.
+        let mut stopping = tokio::task::JoinSet::new();
+        for name in to_stop {
+            if let Some(managed) = self.devices.remove(&name) {
                 tracing::info!(device = %name, "stopping for the new configuration");
-                Supervisor::stop(name, managed).await;
+                stopping.spawn(async move { Supervisor::stop(&name, managed).await });
             }
         }
+        while stopping.join_next().await.is_some() {}
         for (name, again) in to_start {
             let Some((cfg, file)) = wanted.remove(&name) else {
                 continue;
