@@ -892,3 +892,63 @@ fn status_watch_refreshes_until_interrupted() {
     let _ = watch.kill();
     let _ = watch.wait();
 }
+
+/// Every property name anywhere in a JSON Schema.
+fn schema_properties(schema: &Value, names: &mut std::collections::BTreeSet<String>) {
+    match schema {
+        Value::Object(map) => {
+            if let Some(Value::Object(props)) = map.get("properties") {
+                names.extend(props.keys().cloned());
+            }
+            for v in map.values() {
+                schema_properties(v, names);
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|v| schema_properties(v, names)),
+        _ => {}
+    }
+}
+
+#[test]
+fn readme_documents_every_configuration_field_and_its_examples_parse() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("README.md");
+    let out = Command::new(vfud_bin())
+        .arg("print-schema")
+        .output()
+        .unwrap();
+    let schema: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut names = std::collections::BTreeSet::new();
+    schema_properties(&schema, &mut names);
+    assert!(names.contains("max_pasid_log2"), "{names:?}");
+    let undocumented: Vec<&String> = names
+        .iter()
+        .filter(|n| !readme.contains(&format!("{n}`")))
+        .collect();
+    assert!(
+        undocumented.is_empty(),
+        "configuration fields missing from README's table (write them as `device.field`): {undocumented:?}"
+    );
+
+    // Every configuration example in the README is accepted by the parser.
+    let mut examples = 0;
+    let mut rest = readme.as_str();
+    while let Some(start) = rest.find("```json") {
+        let body = &rest[start + 7..];
+        let end = body.find("```").expect("closed code block");
+        let block: String = body[..end]
+            .lines()
+            .map(str::trim)
+            .collect::<Vec<_>>()
+            .join("\n");
+        rest = &body[end + 3..];
+        if !block.contains("\"version\"") {
+            continue;
+        }
+        examples += 1;
+        if let Err(e) = vfu_config::parse_str(&block, None) {
+            panic!("README example does not parse: {e}\n{block}");
+        }
+    }
+    assert!(examples >= 3, "found {examples} configuration examples");
+}
