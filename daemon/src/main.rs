@@ -22,7 +22,8 @@ struct Cli {
     #[arg(long, global = true, value_enum, default_value_t = Format::Plain)]
     log_format: Format,
     /// The daemon's control socket [default: $RUNTIME_DIRECTORY/control.sock, else
-    /// $XDG_RUNTIME_DIR/vfud/control.sock, else /tmp/vfud-$UID/control.sock].
+    /// $XDG_RUNTIME_DIR/vfud/control.sock, else /tmp/vfud-$UID/control.sock; client commands
+    /// fall back to /run/vfud/control.sock when that one does not exist].
     #[arg(long, global = true, value_name = "PATH")]
     control_socket: Option<PathBuf>,
     #[command(subcommand)]
@@ -116,9 +117,25 @@ fn default_runtime_dir() -> PathBuf {
     PathBuf::from(format!("/tmp/vfud-{}", nix::unistd::getuid()))
 }
 
+/// Where `vfud run` puts its control socket.
 fn control_socket(cli: &Option<PathBuf>) -> PathBuf {
     cli.clone()
         .unwrap_or_else(|| default_runtime_dir().join(CONTROL_SOCKET_NAME))
+}
+
+/// The control socket a client command talks to: the one `vfud run` would create in this
+/// environment, else the system service's (so a control-group member's `vfud status` finds
+/// `/run/vfud/control.sock` although their own runtime directory is elsewhere).
+fn client_control_socket(cli: &Option<PathBuf>) -> PathBuf {
+    if let Some(path) = cli {
+        return path.clone();
+    }
+    let own = default_runtime_dir().join(CONTROL_SOCKET_NAME);
+    let system = Path::new("/run/vfud").join(CONTROL_SOCKET_NAME);
+    if !own.exists() && system.exists() {
+        return system;
+    }
+    own
 }
 
 fn run(
@@ -356,7 +373,7 @@ fn main() -> ExitCode {
         }
         command => exit_with(client_command(
             command,
-            &control_socket(&cli.control_socket),
+            &client_control_socket(&cli.control_socket),
         )),
     }
 }
