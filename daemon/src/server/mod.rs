@@ -15,7 +15,6 @@ pub mod supervisor;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-
 use std::time::Duration;
 
 use tokio::net::UnixListener;
