@@ -573,3 +573,77 @@ fn status_of(name: &str, m: &Managed) -> DeviceStatus {
     });
     status
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("vfud-sup-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn write(dir: &Path, name: &str) {
+        std::fs::write(
+            dir.join(format!("{name}.json")),
+            format!(
+                r#"{{"version":1,"name":"{name}","socket":"{}","device":{{"type":"emulated","model":"ats-dma"}}}}"#,
+                dir.join(format!("{name}.sock")).display()
+            ),
+        )
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_device_whose_server_dies_is_failed_alone_and_retried_at_reload() {
+        let dir = config_dir("ended");
+        write(&dir, "a0");
+        write(&dir, "b0");
+        let (mut sup, mut ended) = Supervisor::new(vec![dir.clone()], ServerLimits::default());
+        let report = sup.reload().await;
+        assert_eq!(report.started, ["a0", "b0"]);
+        // Kill a0's server task as a panic would end it.
+        let Slot::Running(r) = &sup.devices["a0"].slot else {
+            panic!("a0 not running");
+        };
+        r.task.abort();
+        let e = tokio::time::timeout(Duration::from_secs(10), ended.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        sup.device_ended(e).await;
+        let a0 = sup.device_status("a0").unwrap();
+        assert_eq!(a0.state, DeviceState::Failed);
+        assert!(a0.reason.unwrap().contains("ended"));
+        assert_eq!(
+            sup.device_status("b0").unwrap().state,
+            DeviceState::Listening
+        );
+        assert_eq!((sup.running(), sup.failed()), (1, 1));
+        // The stale socket a0 left behind is replaced when the reload retries it.
+        let report = sup.reload().await;
+        assert_eq!(report.restarted, ["a0"]);
+        assert_eq!(report.unchanged, ["b0"]);
+        assert_eq!(sup.running(), 2);
+        sup.shutdown().await;
+        assert!(!dir.join("a0.sock").exists() && !dir.join("b0.sock").exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_configuration_directory_changes_nothing() {
+        let dir = config_dir("unreadable");
+        write(&dir, "a0");
+        let (mut sup, _ended) = Supervisor::new(vec![dir.clone()], ServerLimits::default());
+        sup.reload().await;
+        std::fs::remove_dir_all(&dir).unwrap();
+        let report = sup.reload().await;
+        assert_eq!(report.unchanged, ["a0"]);
+        assert!(report.stopped.is_empty());
+        assert_eq!(report.invalid.len(), 1);
+        assert_eq!(sup.running(), 1);
+        sup.shutdown().await;
+    }
+}
