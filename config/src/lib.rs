@@ -20,13 +20,15 @@
 //! every problem across all files at once rather than one per restart.
 
 mod error;
+mod json_schema;
 mod load;
 mod parse;
 mod policy;
 mod schema;
 
 pub use error::{ConfigError, ConfigErrors, Origin};
-pub use load::{load_file, load_paths, parse_str, MAX_CONFIG_BYTES};
+pub use json_schema::device_config_schema;
+pub use load::{config_files, load_file, load_paths, parse_str, MAX_CONFIG_BYTES};
 pub use parse::MAX_SOCKET_PATH_LEN;
 pub use policy::{
     CapabilityPolicies, CapabilityPolicy, CompatLevel, IommuSpec, PasidCapOffset, PolicyOrigin,

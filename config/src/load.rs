@@ -106,6 +106,43 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<Vec<DeviceConfig>, ConfigErrors> 
     }
 }
 
+/// The configuration files `paths` name, as [`load_paths`] would read them (directories
+/// expanded to their `*.json` files, a file reached twice listed once), without reading them.
+///
+/// For a daemon that re-reads its configuration and handles each file on its own, so that one
+/// broken file does not stop the others. A path that cannot be listed, or a directory without
+/// configurations, is an error for that path only; the files of the other paths are returned.
+pub fn config_files(paths: &[PathBuf]) -> (Vec<PathBuf>, Vec<ConfigError>) {
+    let mut errors = Vec::new();
+    let mut seen = HashSet::new();
+    let mut files = Vec::new();
+    for path in paths {
+        let listed = match fs::metadata(path) {
+            Err(source) => Err(ConfigError::ReadFile {
+                file: path.clone(),
+                source,
+            }),
+            Ok(meta) if meta.is_dir() => match list_json(path) {
+                Ok(found) if found.is_empty() => Err(ConfigError::NoConfigs { dir: path.clone() }),
+                other => other,
+            },
+            Ok(_) => Ok(vec![path.clone()]),
+        };
+        match listed {
+            Ok(found) => {
+                for file in found {
+                    let identity = fs::canonicalize(&file).unwrap_or_else(|_| file.clone());
+                    if seen.insert(identity) {
+                        files.push(file);
+                    }
+                }
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+    (files, errors)
+}
+
 /// Reports devices whose name or socket repeats one loaded earlier; the
 /// earlier file is treated as the owner.
 fn check_unique(loaded: &[(PathBuf, DeviceConfig)], errors: &mut Vec<ConfigError>) {

@@ -16,7 +16,7 @@ pub const MAX_PASID_WIDTH: u8 = 20;
 /// How one PCIe capability (ATS, PASID or PRI) is presented to the guest.
 ///
 /// Spelled `"on"`, `"off"` or `"auto"` in JSON, after QEMU's `OnOffAuto` properties.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CapabilityPolicy {
     /// Required: the device refuses to start if the capability cannot be exposed. Never
@@ -265,7 +265,7 @@ fn default_pasid_width() -> u8 {
 /// host device in `IOMMU_GET_HW_INFO` (so `auto` resolves the same way for both kinds).
 ///
 /// Every field defaults to "supported", and so does a missing `iommu` block.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IommuSpec {
     /// ATS may be enabled for the device; `false` is `IOMMU_HW_CAP_PCI_ATS_NOT_SUPPORTED`.

@@ -31,7 +31,7 @@ pub const MAX_NAME_LEN: usize = 64;
 /// [`CONFIG_VERSION`], `name` is a valid device name (see [`MAX_NAME_LEN`]),
 /// and `socket` is an absolute path (relative paths in the file have been
 /// resolved against the file's directory).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceConfig {
     /// Schema version; always [`CONFIG_VERSION`] once loaded.
@@ -53,7 +53,7 @@ pub struct DeviceConfig {
 /// without changing existing files. When adding a variant, also add it to
 /// `DeviceType` in `parse.rs` so that errors inside it get a precise JSON
 /// path (the compiler points there through `device_type_of` in the tests).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum DeviceSpec {
     /// A device implemented entirely in software by the daemon.
@@ -67,7 +67,7 @@ pub enum DeviceSpec {
 /// The capability fields (`ats`, `pasid`, `pri`, `compat`) have the same
 /// names and meaning for every kind of device; read them through
 /// [`EmulatedDevice::capability_policies`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EmulatedDevice {
     /// Which emulated device model to instantiate.
@@ -129,7 +129,7 @@ impl EmulatedDevice {
 /// The emulated device models the daemon can instantiate.
 ///
 /// Spelled in kebab-case in JSON (`"ats-dma"`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum EmulatedModel {
     /// DMA test device that exercises ATS address translation.

@@ -763,3 +763,36 @@ fn pasid_cap_offset_accepts_every_spelling_of_a_valid_offset() {
         );
     }
 }
+
+mod json_schema {
+    use crate::device_config_schema;
+
+    #[test]
+    fn schema_describes_every_top_level_field_and_the_device_kinds() {
+        let s = device_config_schema();
+        let props = s["properties"].as_object().unwrap();
+        let mut keys: Vec<&str> = props.keys().map(String::as_str).collect();
+        keys.sort();
+        assert_eq!(keys, ["device", "name", "socket", "version"]);
+        assert_eq!(s["properties"]["version"]["const"], 1);
+        assert_eq!(s["additionalProperties"], false);
+        let text = s.to_string();
+        for field in [
+            "\"emulated\"",
+            "\"ats-dma\"",
+            "\"ats\"",
+            "\"pasid\"",
+            "\"pri\"",
+            "\"compat\"",
+            "\"iommu\"",
+            "\"max_pasid_log2\"",
+            "\"pasid_cap_offset\"",
+            "\"pasid_cap_hidden\"",
+        ] {
+            assert!(
+                text.contains(field),
+                "{field} missing from the schema: {text}"
+            );
+        }
+    }
+}

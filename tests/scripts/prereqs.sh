@@ -40,3 +40,10 @@ vfud_vm_prereqs() {
     # build the guest's initramfs (tests/vm/).
     vfud_need_apt debootstrap cpio xz-utils gcc libc6-dev
 }
+
+vfud_systemd_prereqs() {
+    # `systemd-analyze verify` checks the units; it works without systemd running as init.
+    if ! command -v systemd-analyze >/dev/null 2>&1; then
+        vfud_need_apt systemd
+    fi
+}

@@ -83,6 +83,10 @@ impl Daemon {
         let dir = unique_dir();
         let mut command = Command::new(vfud_bin());
         command.args(["--log-level", "debug", "run"]);
+        // Each daemon its own control socket, so parallel tests do not compete for the default.
+        command
+            .arg("--control-socket")
+            .arg(dir.join("control.sock"));
         for (name, device) in devices {
             let config = dir.join(format!("{name}.json"));
             let socket = dir.join(format!("{name}.sock"));

@@ -153,6 +153,14 @@ impl IrqTable {
             .is_some_and(|v| v.eventfd.is_some())
     }
 
+    /// How many vectors of each index have an eventfd, in index order.
+    pub fn wired(&self) -> Vec<u32> {
+        self.indexes
+            .iter()
+            .map(|i| i.vectors.iter().filter(|v| v.eventfd.is_some()).count() as u32)
+            .collect()
+    }
+
     fn vector(&self, index: u32, vector: u32) -> Option<&Vector> {
         self.indexes
             .get(index as usize)?

@@ -83,6 +83,19 @@ impl DeviceError {
     }
 }
 
+/// Counters of a device's ATS translation cache (ATC), cumulative since the device started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct AtsCounters {
+    /// Translation requests the device sent to the IOMMU.
+    pub requests: u64,
+    /// Accesses answered from the ATC.
+    pub hits: u64,
+    /// Accesses that needed a translation request.
+    pub misses: u64,
+    /// Invalidation requests received.
+    pub invalidations: u64,
+}
+
 /// A device served over vfio-user. See the module documentation for the checking contract.
 pub trait Device: Send + Sync + 'static {
     /// DEVICE_GET_INFO.
@@ -124,6 +137,18 @@ pub trait Device: Send + Sync + 'static {
     /// A DMA map was removed and every in-flight access to it has drained.
     fn dma_unmapped(&self, region: &DmaRegion) {
         let _ = region;
+    }
+
+    /// How many vectors of each IRQ index (in index order) have an eventfd from the client, for
+    /// status reports. A device without interrupts reports none.
+    fn wired_irqs(&self) -> Vec<u32> {
+        Vec::new()
+    }
+
+    /// The device's ATS translation cache counters, for status and metrics; None for a device
+    /// without an ATC.
+    fn ats_counters(&self) -> Option<AtsCounters> {
+        None
     }
 }
 

@@ -19,6 +19,7 @@ use nix::errno::Errno;
 use tokio::io::Interest;
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch};
+use tracing::Instrument;
 use vfu_protocol::command::Command;
 use vfu_protocol::dma::{self, DmaLayout};
 use vfu_protocol::fdio::{self, FdIoError};
@@ -31,6 +32,7 @@ use zerocopy::IntoBytes;
 
 use crate::device::{check_region_access, Device};
 use crate::dma::{DmaBacking, DmaProt, DmaRegion, GuestMemory, MessageDmaRequest};
+use crate::server::stats::DeviceStats;
 
 /// Commands queued between the reader and the dispatcher; the reader stops reading when full,
 /// which bounds what one client can make us buffer to this many maximum-size messages.
@@ -353,12 +355,14 @@ struct Dispatcher {
     dma_task: Option<tokio::task::JoinHandle<()>>,
     messages: u64,
     error_replies: u64,
+    stats: Arc<DeviceStats>,
 }
 
 impl Dispatcher {
     async fn reply(&mut self, header: &Header, outcome: Result<Answer, Errno>) -> io::Result<()> {
         if header.flags & FLAG_NO_REPLY != 0 {
             if let Err(e) = outcome {
+                self.stats.count_error(header.command);
                 tracing::debug!(device = %self.name, command = header.command, error = %e, "posted command failed");
             }
             return Ok(());
@@ -373,6 +377,7 @@ impl Dispatcher {
             }
             Err(e) => {
                 self.error_replies += 1;
+                self.stats.count_error(header.command);
                 self.writer
                     .send(&frame::encode_error_reply(header, e as i32), &[])
                     .await
@@ -382,7 +387,15 @@ impl Dispatcher {
 
     async fn handle(&mut self, f: Frame) -> io::Result<()> {
         self.messages += 1;
+        self.stats.count_message(f.header.command);
         let header = f.header;
+        tracing::debug!(
+            msg_id = header.msg_id,
+            command = Command::from_u16(header.command).map_or("unknown", Command::name),
+            size = header.msg_size,
+            fds = f.fds.len(),
+            "message"
+        );
         let outcome = if f.kind() != FLAG_TYPE_COMMAND && f.kind() != FLAG_TYPE_REPLY {
             Err(Errno::EINVAL)
         } else {
@@ -425,14 +438,18 @@ impl Dispatcher {
                     n.client_max_data_xfer_size
                         .min(self.limits.max_data_xfer_size),
                 )));
-                self.dma_task = Some(tokio::spawn(message_dma_loop(
-                    self.name.clone(),
-                    rx,
-                    Arc::clone(&self.writer),
-                    Arc::clone(&self.pending),
-                    Arc::clone(&self.next_id),
-                )));
+                self.dma_task = Some(tokio::spawn(
+                    message_dma_loop(
+                        self.name.clone(),
+                        rx,
+                        Arc::clone(&self.writer),
+                        Arc::clone(&self.pending),
+                        Arc::clone(&self.next_id),
+                    )
+                    .in_current_span(),
+                ));
                 self.device.attach(Arc::clone(&memory));
+                self.stats.client_memory(&memory);
                 self.memory = Some(memory);
                 tracing::info!(
                     device = %self.name,
@@ -732,6 +749,7 @@ pub async fn serve(
     device: Arc<dyn Device>,
     limits: &ServerLimits,
     mut shutdown: watch::Receiver<bool>,
+    stats: Arc<DeviceStats>,
 ) -> ConnectionSummary {
     let stream = Arc::new(stream);
     let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
@@ -758,6 +776,7 @@ pub async fn serve(
         dma_task: None,
         messages: 0,
         error_replies: 0,
+        stats,
     };
     let end = loop {
         let inbound = tokio::select! {
@@ -770,6 +789,7 @@ pub async fn serve(
             Some(Inbound::Command(f)) => d.handle(f).await,
             Some(Inbound::Rejected(h, why)) => {
                 d.messages += 1;
+                d.stats.count_message(h.command);
                 tracing::debug!(device = %d.name, msg_id = h.msg_id, command = h.command, size = h.msg_size, ?why, "rejected while framing");
                 d.reply(&h, Err(why.errno())).await
             }
@@ -867,7 +887,8 @@ mod tests {
                 theirs.set_nonblocking(true).unwrap();
                 let stream = UnixStream::from_std(theirs).unwrap();
                 let (_tx, rx) = watch::channel(false);
-                serve("fake", stream, served, &ServerLimits::default(), rx).await
+                let stats = Arc::new(DeviceStats::new());
+                serve("fake", stream, served, &ServerLimits::default(), rx, stats).await
             })
         });
         let mut c = Client::from_stream(ours, ClientOptions::default()).unwrap();

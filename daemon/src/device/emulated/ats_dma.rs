@@ -781,6 +781,10 @@ impl Device for AtsDma {
         lock(&self.state).irqs.info(index)
     }
 
+    fn wired_irqs(&self) -> Vec<u32> {
+        lock(&self.state).irqs.wired()
+    }
+
     fn set_irqs(&self, request: SetIrqsRequest) -> Result<(), DeviceError> {
         let mut st = lock(&self.state);
         st.irqs.set(request)?;
