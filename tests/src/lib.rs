@@ -79,10 +79,16 @@ impl Daemon {
     /// each accepted device's socket and logging each refusal. Panics (with the log) if vfud
     /// exits first, e.g. because it refused every device.
     pub fn start_with_configs(devices: &[(&str, &str)]) -> Daemon {
+        Daemon::start_logging(devices, "debug")
+    }
+
+    /// [`Daemon::start_with_configs`] at another log level; benchmarks use `info` so that
+    /// per-message debug lines do not dominate what they measure.
+    pub fn start_logging(devices: &[(&str, &str)], log_level: &str) -> Daemon {
         assert!(!devices.is_empty(), "start_with_configs needs a device");
         let dir = unique_dir();
         let mut command = Command::new(vfud_bin());
-        command.args(["--log-level", "debug", "run"]);
+        command.args(["--log-level", log_level, "run"]);
         for (name, device) in devices {
             let config = dir.join(format!("{name}.json"));
             let socket = dir.join(format!("{name}.sock"));
