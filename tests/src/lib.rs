@@ -17,6 +17,8 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use vfu_protocol::client::{Client, ClientOptions, DmaHandler};
 
+pub mod fuzz;
+
 /// The `vfud` binary: `$VFUD_BIN`, else next to the test executable's `deps/` directory, built
 /// with cargo if it is not there yet.
 pub fn vfud_bin() -> PathBuf {
@@ -201,6 +203,13 @@ impl Daemon {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap_or(0)
     }
+}
+
+/// Whether RSS bounds mean anything for the daemon under test: not when it was built with a
+/// sanitizer (`VFUD_SANITIZER` set by `tests/scripts/hardening`), whose shadow memory and
+/// quarantine inflate RSS; there LeakSanitizer checks for leaks instead.
+pub fn rss_bounds_apply() -> bool {
+    std::env::var_os("VFUD_SANITIZER").is_none()
 }
 
 /// `text` without ANSI escape sequences (ESC `[` ... final byte).
