@@ -312,7 +312,7 @@ impl Client {
             }
             return Ok(Reply {
                 header: f.header,
-                payload: f.payload,
+                payload: f.payload.into_vec(),
                 fds: f.fds,
             });
         }

@@ -6,6 +6,7 @@
 
 use std::os::fd::OwnedFd;
 
+use smallvec::SmallVec;
 use zerocopy::{FromBytes, IntoBytes};
 
 use crate::wire::{
@@ -13,11 +14,19 @@ use crate::wire::{
     HEADER_SIZE,
 };
 
+/// Payloads up to this size are stored inline in the [`Frame`]: every small REGION_READ /
+/// REGION_WRITE (16-byte prefix plus up to 8 data bytes, as MMIO and config accesses are) and
+/// most other commands are then framed without a heap allocation.
+pub const INLINE_PAYLOAD: usize = 64;
+
+/// A message payload: inline up to [`INLINE_PAYLOAD`] bytes, on the heap above.
+pub type Payload = SmallVec<[u8; INLINE_PAYLOAD]>;
+
 /// One complete message as received.
 #[derive(Debug)]
 pub struct Frame {
     pub header: Header,
-    pub payload: Vec<u8>,
+    pub payload: Payload,
     pub fds: Vec<OwnedFd>,
 }
 
@@ -144,7 +153,7 @@ enum State {
     },
     Payload {
         header: Header,
-        buf: Vec<u8>,
+        buf: Payload,
         got: usize,
     },
     Discard {
@@ -233,7 +242,7 @@ impl FrameDecoder {
                 }
                 if self.rejected.is_some() {
                     if payload == 0 {
-                        return Ok(self.finish(header, Vec::new()));
+                        return Ok(self.finish(header, Payload::new()));
                     }
                     self.state = State::Discard {
                         header,
@@ -242,11 +251,11 @@ impl FrameDecoder {
                     return Ok(Decoded::Pending);
                 }
                 if payload == 0 {
-                    return Ok(self.finish(header, Vec::new()));
+                    return Ok(self.finish(header, Payload::new()));
                 }
                 self.state = State::Payload {
                     header,
-                    buf: vec![0; payload],
+                    buf: Payload::from_elem(0, payload),
                     got: 0,
                 };
                 Ok(Decoded::Pending)
@@ -268,12 +277,12 @@ impl FrameDecoder {
                 }
                 let header = *header;
                 self.scratch = Vec::new();
-                Ok(self.finish(header, Vec::new()))
+                Ok(self.finish(header, Payload::new()))
             }
         }
     }
 
-    fn finish(&mut self, header: Header, payload: Vec<u8>) -> Decoded {
+    fn finish(&mut self, header: Header, payload: Payload) -> Decoded {
         let fds = std::mem::take(&mut self.fds);
         self.reset();
         if let Some(why) = self.rejected.take() {
@@ -330,7 +339,7 @@ mod tests {
             match &out[0] {
                 Decoded::Frame(f) => {
                     assert_eq!(f.header.msg_id, 1);
-                    assert_eq!(f.payload, vec![1, 2, 3, 4]);
+                    assert_eq!(f.payload.as_slice(), [1, 2, 3, 4]);
                 }
                 other => panic!("{other:?}"),
             }

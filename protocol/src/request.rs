@@ -10,7 +10,7 @@ use nix::errno::Errno;
 use zerocopy::FromBytes;
 
 use crate::command::Command;
-use crate::frame::Frame;
+use crate::frame::{Frame, Payload};
 use crate::negotiate::{NegotiateError, VersionPayload};
 use crate::wire;
 
@@ -134,7 +134,8 @@ pub enum Request {
     RegionWrite {
         region: u32,
         offset: u64,
-        data: Vec<u8>,
+        /// Inline for small writes, so MMIO writes are parsed without a heap allocation.
+        data: Payload,
     },
     DeviceReset,
     RegionWriteMulti(Vec<MultiWrite>),
@@ -336,7 +337,7 @@ impl Request {
                 Request::RegionWrite {
                     region: a.region,
                     offset: a.offset,
-                    data: data.to_vec(),
+                    data: Payload::from_slice(data),
                 }
             }
             Command::DmaRead | Command::DmaWrite => {
@@ -549,7 +550,7 @@ mod tests {
         let bytes = encode(1, command, 0, 0, &[payload]);
         Frame {
             header: wire::Header::read_from_prefix(&bytes).unwrap().0,
-            payload: payload.to_vec(),
+            payload: payload.into(),
             fds: Vec::new(),
         }
     }
@@ -594,7 +595,7 @@ mod tests {
         assert!(Request::parse(frame(10, &p), 4096).is_err());
         p.push(4);
         match Request::parse(frame(10, &p), 4096).unwrap() {
-            Request::RegionWrite { data, .. } => assert_eq!(data, vec![1, 2, 3, 4]),
+            Request::RegionWrite { data, .. } => assert_eq!(data.as_slice(), [1, 2, 3, 4]),
             other => panic!("{other:?}"),
         }
     }

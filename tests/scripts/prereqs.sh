@@ -47,3 +47,22 @@ vfud_systemd_prereqs() {
         vfud_need_apt systemd
     fi
 }
+
+vfud_fuzz_prereqs() {
+    # libFuzzer is C++ built by libfuzzer-sys; cargo-fuzz drives it.
+    if ! command -v c++ >/dev/null 2>&1; then
+        vfud_need_apt g++
+    fi
+    if ! cargo fuzz --version >/dev/null 2>&1; then
+        echo ">> installing cargo-fuzz from crates.io"
+        cargo install --locked cargo-fuzz --version 0.13.2
+    fi
+}
+
+vfud_nightly() {
+    # Prints the cargo toolchain argument for the sanitizer builds: rustup's nightly when it is
+    # installed, else nothing (the stable compiler then accepts -Z flags via RUSTC_BOOTSTRAP).
+    if command -v rustup >/dev/null 2>&1 && rustup toolchain list | grep -q '^nightly'; then
+        echo "+nightly"
+    fi
+}

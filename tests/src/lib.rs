@@ -17,6 +17,8 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use vfu_protocol::client::{Client, ClientOptions, DmaHandler};
 
+pub mod fuzz;
+
 /// The `vfud` binary: `$VFUD_BIN`, else next to the test executable's `deps/` directory, built
 /// with cargo if it is not there yet.
 pub fn vfud_bin() -> PathBuf {
@@ -79,10 +81,16 @@ impl Daemon {
     /// each accepted device's socket and logging each refusal. Panics (with the log) if vfud
     /// exits first, e.g. because it refused every device.
     pub fn start_with_configs(devices: &[(&str, &str)]) -> Daemon {
+        Daemon::start_logging(devices, "debug")
+    }
+
+    /// [`Daemon::start_with_configs`] at another log level; benchmarks use `info` so that
+    /// per-message debug lines do not dominate what they measure.
+    pub fn start_logging(devices: &[(&str, &str)], log_level: &str) -> Daemon {
         assert!(!devices.is_empty(), "start_with_configs needs a device");
         let dir = unique_dir();
         let mut command = Command::new(vfud_bin());
-        command.args(["--log-level", "debug", "run"]);
+        command.args(["--log-level", log_level, "run"]);
         // Each daemon its own control socket, so parallel tests do not compete for the default.
         command
             .arg("--control-socket")
@@ -199,6 +207,13 @@ impl Daemon {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap_or(0)
     }
+}
+
+/// Whether RSS bounds mean anything for the daemon under test: not when it was built with a
+/// sanitizer (`VFUD_SANITIZER` set by `tests/scripts/hardening`), whose shadow memory and
+/// quarantine inflate RSS; there LeakSanitizer checks for leaks instead.
+pub fn rss_bounds_apply() -> bool {
+    std::env::var_os("VFUD_SANITIZER").is_none()
 }
 
 /// `text` without ANSI escape sequences (ESC `[` ... final byte).

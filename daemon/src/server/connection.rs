@@ -25,14 +25,19 @@ use vfu_protocol::dma::{self, DmaLayout};
 use vfu_protocol::fdio::{self, FdIoError};
 use vfu_protocol::frame::{self, Decoded, Frame, FrameDecoder, FrameLimits, Rejection};
 use vfu_protocol::negotiate::{self, Negotiated, ServerLimits};
-use vfu_protocol::reply;
+use vfu_protocol::reply::{self, RegionDescription};
 use vfu_protocol::request::{MultiWrite, Request};
-use vfu_protocol::wire::{self, Header, FLAG_NO_REPLY, FLAG_TYPE_COMMAND, FLAG_TYPE_REPLY};
+use vfu_protocol::wire::{
+    self, Header, FLAG_NO_REPLY, FLAG_TYPE_COMMAND, FLAG_TYPE_REPLY, HEADER_SIZE,
+};
 use zerocopy::IntoBytes;
 
 use crate::device::{check_region_access, Device};
 use crate::dma::{DmaBacking, DmaProt, DmaRegion, GuestMemory, MessageDmaRequest};
 use crate::server::stats::DeviceStats;
+
+/// Regions looked at per device; vfio-user devices have 9 (PCI) plus a few device-specific.
+const MAX_REGIONS: u32 = 64;
 
 /// Commands queued between the reader and the dispatcher; the reader stops reading when full,
 /// which bounds what one client can make us buffer to this many maximum-size messages.
@@ -325,23 +330,31 @@ async fn message_dma_loop(
     }
 }
 
-/// What a successful command answers: payload and at most one fd.
-struct Answer {
-    payload: Vec<u8>,
-    fd: Option<Arc<std::os::fd::OwnedFd>>,
+/// What a successful command answers.
+enum Answer {
+    /// A payload and at most one fd.
+    Payload {
+        payload: Vec<u8>,
+        fd: Option<Arc<std::os::fd::OwnedFd>>,
+    },
+    /// The payload is already in the dispatcher's reply buffer, after room for the header:
+    /// the small REGION_READ / REGION_WRITE replies of the MMIO hot path, built without
+    /// allocating.
+    Buffered,
 }
 
 impl Answer {
     fn empty() -> Answer {
-        Answer {
-            payload: Vec::new(),
-            fd: None,
-        }
+        Answer::bytes(Vec::new())
     }
     fn bytes(payload: Vec<u8>) -> Answer {
-        Answer { payload, fd: None }
+        Answer::Payload { payload, fd: None }
     }
 }
+
+/// Largest reply buffer kept between messages; a bigger one (a large REGION_READ) is freed
+/// after its reply so an idle connection does not hold megabytes.
+const KEPT_REPLY_BUFFER: usize = 64 * 1024;
 
 struct Dispatcher {
     name: String,
@@ -356,6 +369,11 @@ struct Dispatcher {
     messages: u64,
     error_replies: u64,
     stats: Arc<DeviceStats>,
+    /// The device's regions, read once: regions do not change while a device is served, and
+    /// every REGION_READ / REGION_WRITE checks against them.
+    regions: Vec<Option<RegionDescription>>,
+    /// Reply buffer reused across messages (see [`Answer::Buffered`]).
+    out: Vec<u8>,
 }
 
 impl Dispatcher {
@@ -368,12 +386,27 @@ impl Dispatcher {
             return Ok(());
         }
         match outcome {
-            Ok(a) => {
-                let bytes = reply::ok(header, &[&a.payload]);
-                match &a.fd {
+            Ok(Answer::Payload { payload, fd }) => {
+                let bytes = reply::ok(header, &[&payload]);
+                match &fd {
                     Some(fd) => self.writer.send(&bytes, &[fd.as_fd()]).await,
                     None => self.writer.send(&bytes, &[]).await,
                 }
+            }
+            Ok(Answer::Buffered) => {
+                let reply_header = Header {
+                    msg_id: header.msg_id,
+                    command: header.command,
+                    msg_size: self.out.len() as u32,
+                    flags: FLAG_TYPE_REPLY,
+                    error: 0,
+                };
+                self.out[..HEADER_SIZE].copy_from_slice(reply_header.as_bytes());
+                let sent = self.writer.send(&self.out, &[]).await;
+                if self.out.capacity() > KEPT_REPLY_BUFFER {
+                    self.out = Vec::new();
+                }
+                sent
             }
             Err(e) => {
                 self.error_replies += 1;
@@ -383,6 +416,21 @@ impl Dispatcher {
                     .await
             }
         }
+    }
+
+    /// The description of region `index`, if the device has it.
+    fn region_description(&self, index: u32) -> Result<&RegionDescription, Errno> {
+        self.regions
+            .get(index as usize)
+            .and_then(Option::as_ref)
+            .ok_or(Errno::EINVAL)
+    }
+
+    /// Starts a buffered reply of `payload_len` bytes; returns the payload part to fill.
+    fn buffered_payload(&mut self, payload_len: usize) -> &mut [u8] {
+        self.out.clear();
+        self.out.resize(HEADER_SIZE + payload_len, 0);
+        &mut self.out[HEADER_SIZE..]
     }
 
     async fn handle(&mut self, f: Frame) -> io::Result<()> {
@@ -569,7 +617,7 @@ impl Dispatcher {
                 } else {
                     None
                 };
-                Ok(Answer { payload, fd })
+                Ok(Answer::Payload { payload, fd })
             }
             Request::DeviceGetRegionIoFds { argsz, index } => {
                 if argsz < 16 {
@@ -615,25 +663,25 @@ impl Dispatcher {
                 offset,
                 count,
             } => {
-                let spec = self.device.region(region).ok_or(Errno::EINVAL)?;
-                check_region_access(&spec.description, offset, count as usize, false).map_err(
-                    |e| {
-                        tracing::debug!(device = %self.name, error = %e, "REGION_READ rejected");
-                        e.errno()
-                    },
-                )?;
-                let mut data = vec![0u8; count as usize];
-                self.device
-                    .region_read(region, offset, &mut data)
-                    .map_err(|e| e.errno())?;
+                let description = self.region_description(region)?;
+                check_region_access(description, offset, count as usize, false).map_err(|e| {
+                    tracing::debug!(device = %self.name, error = %e, "REGION_READ rejected");
+                    e.errno()
+                })?;
                 let prefix = wire::RegionAccess {
                     offset,
                     region,
                     count,
                 };
-                let mut payload = prefix.as_bytes().to_vec();
-                payload.extend_from_slice(&data);
-                Ok(Answer::bytes(payload))
+                let device = Arc::clone(&self.device);
+                let payload =
+                    self.buffered_payload(size_of::<wire::RegionAccess>() + count as usize);
+                let (head, data) = payload.split_at_mut(size_of::<wire::RegionAccess>());
+                head.copy_from_slice(prefix.as_bytes());
+                device
+                    .region_read(region, offset, data)
+                    .map_err(|e| e.errno())?;
+                Ok(Answer::Buffered)
             }
             Request::RegionWrite {
                 region,
@@ -646,7 +694,9 @@ impl Dispatcher {
                     region,
                     count: data.len() as u32,
                 };
-                Ok(Answer::bytes(prefix.as_bytes().to_vec()))
+                self.buffered_payload(size_of::<wire::RegionAccess>())
+                    .copy_from_slice(prefix.as_bytes());
+                Ok(Answer::Buffered)
             }
             Request::DeviceReset => {
                 // Reset may wait for the device's running job to stop; that job needs a worker
@@ -679,8 +729,8 @@ impl Dispatcher {
     }
 
     fn region_write(&self, region: u32, offset: u64, data: &[u8]) -> Result<(), Errno> {
-        let spec = self.device.region(region).ok_or(Errno::EINVAL)?;
-        check_region_access(&spec.description, offset, data.len(), true).map_err(|e| {
+        let description = self.region_description(region)?;
+        check_region_access(description, offset, data.len(), true).map_err(|e| {
             tracing::debug!(device = %self.name, error = %e, "REGION_WRITE rejected");
             e.errno()
         })?;
@@ -752,6 +802,9 @@ pub async fn serve(
     stats: Arc<DeviceStats>,
 ) -> ConnectionSummary {
     let stream = Arc::new(stream);
+    let regions = (0..device.info().num_regions.min(MAX_REGIONS))
+        .map(|i| device.region(i).map(|spec| spec.description))
+        .collect();
     let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
     let (queue_tx, mut queue) = mpsc::channel(COMMAND_QUEUE);
     let frame_limits = FrameLimits::for_xfer_size(limits.max_data_xfer_size, limits.max_msg_fds);
@@ -777,6 +830,8 @@ pub async fn serve(
         messages: 0,
         error_replies: 0,
         stats,
+        regions,
+        out: Vec::new(),
     };
     let end = loop {
         let inbound = tokio::select! {
