@@ -32,6 +32,8 @@ mod walk;
 #[cfg(test)]
 mod tests_driver;
 #[cfg(test)]
+mod tests_gaps;
+#[cfg(test)]
 mod tests_prop;
 #[cfg(test)]
 mod tests_support;

@@ -524,11 +524,13 @@ impl Smmuv3 {
         let evtq_on = self.regs.cr0 & CR0_EVENTQEN != 0;
         let priq_on = self.regs.cr0 & CR0_PRIQEN != 0;
         let smmu_on = self.enabled();
+        let cr2_mask = CR2_RECINVSID | if self.props.ats { CR2_REC_CFG_ATS } else { 0 };
         let r = &mut self.regs;
         match offset & !0x10000 {
             CR0 => r.cr0 = v & CR0_MASK,
-            CR1 => r.cr1 = v & 0x3f,
-            CR2 => r.cr2 = v & 0x7,
+            // CR1 and CR2 are read-only while SMMUEN = 1.
+            CR1 if !smmu_on => r.cr1 = v & 0x3f,
+            CR2 if !smmu_on => r.cr2 = v & cr2_mask,
             GBPA if v & GBPA_UPDATE != 0 => r.gbpa = v & GBPA_FIELDS,
             IRQ_CTRL => r.irq_ctrl = v & 0x7,
             GERRORN => r.gerrorn = v & GERROR_MASK,
@@ -968,12 +970,16 @@ impl Smmuv3 {
         }
     }
 
-    /// Turn a stop into the DMA result, recording its event.
+    /// Turn a stop into the DMA result, recording its event. `ats_related` applies the
+    /// SMMUv3 rule for translation requests and translated transactions: configuration errors
+    /// are only recorded with CR2.REC_CFG_ATS. C_BAD_STREAMID additionally needs
+    /// CR2.RECINVSID.
     fn terminate<M: GuestMemory + ?Sized>(
         &mut self,
         mem: &M,
         txn: &DmaRequest,
         stop: Stop,
+        ats_related: bool,
     ) -> DmaFault {
         match stop {
             Stop::Abort => DmaFault {
@@ -989,7 +995,15 @@ impl Smmuv3 {
                     ssid: ev.ssid.or(txn.ssid),
                     ..ev
                 };
-                let recorded = self.record_event(mem, &ev);
+                let always = matches!(
+                    ev.kind,
+                    EventType::FBadAtsTreq | EventType::FTranslForbidden
+                );
+                let mut record = always || !ats_related || self.regs.cr2 & CR2_REC_CFG_ATS != 0;
+                if ev.kind == EventType::CBadStreamId && self.regs.cr2 & CR2_RECINVSID == 0 {
+                    record = false;
+                }
+                let recorded = record && self.record_event(mem, &ev);
                 DmaFault {
                     event: recorded.then_some(ev.kind),
                     raz_wi: false,
@@ -1001,8 +1015,12 @@ impl Smmuv3 {
                 raz_wi,
             } => {
                 let ev = self.walk_event(txn, &fault);
-                let recorded =
-                    (record || fault.kind == FaultKind::WalkEabt) && self.record_event(mem, &ev);
+                let record = if fault.kind == FaultKind::WalkEabt {
+                    !ats_related || self.regs.cr2 & CR2_REC_CFG_ATS != 0
+                } else {
+                    record
+                };
+                let recorded = record && self.record_event(mem, &ev);
                 DmaFault {
                     event: recorded.then_some(ev.kind),
                     raz_wi,
@@ -1044,13 +1062,22 @@ impl Smmuv3 {
     }
 
     /// Untranslated DMA: translate `req.address` for the access, recording faults as events.
+    /// A transaction without a PASID is treated as data, unprivileged (SMMUv3 §13.7), whatever
+    /// `req.access` says about privilege and execution.
     pub fn translate_dma<M: GuestMemory + ?Sized>(
         &mut self,
         mem: &M,
         req: &DmaRequest,
     ) -> Result<DmaTranslation, DmaFault> {
+        let req = &pcie_attributes(req);
         if !self.enabled() {
-            return self.global_bypass(req);
+            if self.regs.gbpa & GBPA_ABORT != 0 {
+                return Err(DmaFault {
+                    event: None,
+                    raz_wi: false,
+                });
+            }
+            return Ok(identity(req.address));
         }
         let result = self
             .context(mem, req.sid, req.ssid)
@@ -1074,40 +1101,29 @@ impl Smmuv3 {
                     })
                 }
             });
-        result.map_err(|stop| self.terminate(mem, req, stop))
+        result.map_err(|stop| self.terminate(mem, req, stop, false))
     }
 
-    fn global_bypass(&self, req: &DmaRequest) -> Result<DmaTranslation, DmaFault> {
-        if self.regs.gbpa & GBPA_ABORT != 0 {
-            return Err(DmaFault {
-                event: None,
-                raz_wi: false,
-            });
-        }
-        let t = Translation::identity(req.address);
-        Ok(DmaTranslation {
-            address: req.address,
-            contiguous: t.contiguous(req.address),
-        })
-    }
-
-    /// Translated DMA (AT = translated): allowed only when the STE enables ATS (EATS != 0).
-    /// With EATS = full the address is already physical; with split-stage it is an IPA and
-    /// goes through stage 2. vfud checks the STE whatever CR0.ATSCHK says: a translated
-    /// transaction never reaches memory a stream was not given.
+    /// Translated DMA (AT = translated). vfud always checks the STE, as CR0.ATSCHK = 1 would:
+    /// a device only reaches memory through translated requests when its STE enables ATS
+    /// (EATS != 0). With full ATS the address is physical (and must fit the OAS); with
+    /// split-stage ATS it is an IPA and goes through stage 2 like an ordinary transaction.
+    /// With SMMUEN = 0, a bypass STE or EATS = 0 the transaction aborts with F_TRANSL_FORBIDDEN.
     pub fn translated_dma<M: GuestMemory + ?Sized>(
         &mut self,
         mem: &M,
         req: &DmaRequest,
     ) -> Result<DmaTranslation, DmaFault> {
-        if !self.enabled() {
-            return self.global_bypass(req);
-        }
+        let req = &pcie_attributes(req);
         let forbidden = Stop::Config(Event::config(
             EventType::FTranslForbidden,
             req.sid,
             req.ssid,
         ));
+        if !self.enabled() {
+            return Err(self.terminate(mem, req, forbidden, true));
+        }
+        let oas = self.props.oas.bits();
         let result = self
             .fetch_ste(mem, req.sid)
             .map_err(Stop::Config)
@@ -1116,15 +1132,17 @@ impl Smmuv3 {
                 Ste::Translate {
                     eats: Eats::Disabled,
                     ..
+                }
+                | Ste::Translate {
+                    s1: None, s2: None, ..
                 } => Err(forbidden),
                 Ste::Translate {
                     eats: Eats::Full, ..
                 } => {
-                    let t = Translation::identity(req.address);
-                    Ok(DmaTranslation {
-                        address: req.address,
-                        contiguous: t.contiguous(req.address),
-                    })
+                    if req.address >> oas != 0 {
+                        return Err(Stop::Abort);
+                    }
+                    Ok(identity(req.address))
                 }
                 Ste::Translate {
                     eats: Eats::SplitStage,
@@ -1142,51 +1160,70 @@ impl Smmuv3 {
                     })
                 }
             });
-        result.map_err(|stop| self.terminate(mem, req, stop))
+        result.map_err(|stop| {
+            // Only the stage-2 walk of split-stage ATS is an ordinary translation.
+            let ats_related = !matches!(stop, Stop::Walk { .. });
+            self.terminate(mem, req, stop, ats_related)
+        })
     }
 
-    /// ATS translation request: the translations covering `[address, address + length)`, at
-    /// most `max_entries` (capped at [`MAX_ATS_ENTRIES`]), one per page or block, each
-    /// naturally aligned. Unmapped or inaccessible ranges are holes (R = W = 0) of the size of
-    /// the level where the walk stopped, and are not recorded as events: the device is
-    /// expected to use PRI. Only configuration errors and a disallowed ATS (F_BAD_ATS_TREQ)
-    /// are recorded.
+    /// ATS translation request (SMMUv3 §3.9.1.2): the translations covering
+    /// `[address, address + length)`, at most `max_entries` (capped at [`MAX_ATS_ENTRIES`]),
+    /// one per page or block, naturally aligned and consecutive.
+    ///
+    /// * UR with F_BAD_ATS_TREQ: SMMUEN = 0, a bypass STE, or an STE whose effective EATS is
+    ///   0 (split-stage counts as 0 while CR0.ATSCHK = 0). UR without an event: abort STE.
+    /// * CA: configuration errors (bad SID/STE/SSID/CD, fetch aborts, table-walk aborts);
+    ///   their events are recorded only with CR2.REC_CFG_ATS.
+    /// * Success with R = W = 0 for translation, access-flag and address-size faults at either
+    ///   stage, never recorded: the device is expected to use PRI. The entry covers the block
+    ///   of the level where the walk stopped, so the device learns the size of the hole.
+    /// * Otherwise the permissions granted to the requested privilege: W whenever the page is
+    ///   writable (permitted with NW = 1), Exe only when requested and readable, Global always 0.
+    ///   A request without a PASID is unprivileged data.
     pub fn translate_ats<M: GuestMemory + ?Sized>(
         &mut self,
         mem: &M,
         req: &AtsRequest,
         max_entries: usize,
     ) -> Result<Vec<AtsTranslation>, AtsError> {
-        if !self.enabled() {
-            return Err(AtsError::UnsupportedRequest { event: None });
-        }
+        let (exec, privileged) = match req.ssid {
+            Some(_) => (req.exec, req.privileged),
+            None => (false, false),
+        };
         let txn = DmaRequest {
             sid: req.sid,
             ssid: req.ssid,
             address: req.address,
             access: Access {
                 write: !req.no_write,
-                exec: req.exec,
-                privileged: req.privileged,
+                exec,
+                privileged,
             },
         };
+        let bad_treq = Stop::Config(Event::config(EventType::FBadAtsTreq, req.sid, req.ssid));
+        if !self.enabled() {
+            let f = self.terminate(mem, &txn, bad_treq, true);
+            return Err(AtsError::UnsupportedRequest { event: f.event });
+        }
         let ctx = match self.context(mem, req.sid, req.ssid) {
             Ok(ctx) => ctx,
             Err(Stop::Walk { fault, .. }) if fault.kind != FaultKind::WalkEabt => {
                 // A stage-2 fault fetching the CD: the whole request is a hole.
-                return Ok(vec![hole(req.address, fault.hole_log2, req.privileged)]);
+                return Ok(vec![hole(req.address, fault.hole_log2, privileged)]);
             }
             Err(stop) => {
-                let f = self.terminate(mem, &txn, stop);
-                return Err(AtsError::UnsupportedRequest { event: f.event });
+                self.terminate(mem, &txn, stop, true);
+                return Err(AtsError::CompleterAbort);
             }
         };
         let Context::Translate { eats, vmid, cd, s2 } = ctx else {
             return Err(AtsError::UnsupportedRequest { event: None });
         };
-        if eats == Eats::Disabled {
-            let ev = Event::config(EventType::FBadAtsTreq, req.sid, req.ssid);
-            let f = self.terminate(mem, &txn, Stop::Config(ev));
+        let atschk = self.regs.cr0 & CR0_ATSCHK != 0;
+        let stream_bypass = cd.is_none() && s2.is_none() && !self.stage1_skipped(mem, req.sid);
+        if eats == Eats::Disabled || (eats == Eats::SplitStage && !atschk) || stream_bypass {
+            let f = self.terminate(mem, &txn, bad_treq, true);
             return Err(AtsError::UnsupportedRequest { event: f.event });
         }
         let split = eats == Eats::SplitStage;
@@ -1198,21 +1235,21 @@ impl Smmuv3 {
             let entry = match self.translate_addr(mem, vmid, cd.as_ref(), s2.as_ref(), split, addr)
             {
                 Ok(t) => {
-                    let (r, w, x) = t.s1.intersect(t.s2).at(req.privileged);
+                    let (r, w, x) = t.s1.intersect(t.s2).at(privileged);
                     AtsTranslation {
                         untranslated: t.in_base,
                         size_log2: t.size_log2 as u8,
                         translated: t.out_base,
                         r,
-                        w: w && !req.no_write,
-                        x: x && req.exec,
-                        privileged: req.privileged,
-                        global: t.global && req.ssid.is_some(),
+                        w,
+                        x: x && r && exec,
+                        privileged,
+                        global: false,
                         untranslated_only: false,
                     }
                 }
                 Err(Stop::Walk { fault, .. }) if fault.kind != FaultKind::WalkEabt => {
-                    hole(addr, fault.hole_log2, req.privileged)
+                    hole(addr, fault.hole_log2, privileged)
                 }
                 Err(stop) => {
                     self.terminate(
@@ -1222,6 +1259,7 @@ impl Smmuv3 {
                             ..txn
                         },
                         stop,
+                        true,
                     );
                     return Err(AtsError::CompleterAbort);
                 }
@@ -1233,6 +1271,15 @@ impl Smmuv3 {
             }
         }
         Ok(out)
+    }
+
+    /// Whether the STE of `sid` is a stage-1 configuration whose S1DSS skipped stage 1 (as
+    /// opposed to an STE that bypasses both stages).
+    fn stage1_skipped<M: GuestMemory + ?Sized>(&mut self, mem: &M, sid: u32) -> bool {
+        matches!(
+            self.fetch_ste(mem, sid),
+            Ok(Ste::Translate { s1: Some(_), .. })
+        )
     }
 
     /// Queue a PRI page request in the PRI queue.
@@ -1457,6 +1504,25 @@ impl Smmuv3 {
     /// Number of cached translations (for tests and metrics).
     pub fn tlb_entries(&self) -> usize {
         self.tlb.len()
+    }
+}
+
+/// PCIe: a transaction without a PASID is data and unprivileged.
+fn pcie_attributes(req: &DmaRequest) -> DmaRequest {
+    let mut req = *req;
+    if req.ssid.is_none() {
+        req.access.exec = false;
+        req.access.privileged = false;
+    }
+    req
+}
+
+/// Identity translation (bypass), valid to the end of its 1 GiB block.
+fn identity(addr: u64) -> DmaTranslation {
+    let t = Translation::identity(addr);
+    DmaTranslation {
+        address: addr,
+        contiguous: t.contiguous(addr),
     }
 }
 

@@ -214,6 +214,7 @@ impl Smmuv3Properties {
         v |= u32::from(self.vmid16) << 18;
         v |= u32::from(self.two_level_cd) << 19;
         v |= 2 << 21; // TTENDIAN: little-endian only
+        v |= u32::from(self.ats) << 23; // ATSRECERR: CR2.REC_CFG_ATS
         v |= 1 << 24; // STALL_MODEL: stall not supported
         v |= 1 << 26; // TERM_MODEL: terminated transactions may abort or RAZ/WI (CD.A)
         v |= u32::from(self.two_level_stream_table) << 27;

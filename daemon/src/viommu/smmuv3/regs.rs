@@ -97,6 +97,12 @@ pub const CR0_ATSCHK: u32 = 1 << 4;
 /// Writable CR0 bits (VMW is not implemented).
 pub(crate) const CR0_MASK: u32 = 0x1f;
 
+/// CR2.RECINVSID: record C_BAD_STREAMID.
+pub const CR2_RECINVSID: u32 = 1 << 1;
+/// CR2.REC_CFG_ATS: record configuration errors of ATS requests and translated traffic
+/// (implemented when IDR0.ATSRECERR, i.e. with ATS).
+pub const CR2_REC_CFG_ATS: u32 = 1 << 3;
+
 /// GBPA.ABORT: incoming transactions abort while SMMUEN = 0.
 pub const GBPA_ABORT: u32 = 1 << 20;
 /// GBPA.UPDATE: a write only takes effect with this bit set; reads as 0 once applied.

@@ -229,7 +229,8 @@ proptest! {
                                 let size = 1u64 << e.size_log2;
                                 prop_assert_eq!(e.untranslated % size, 0, "naturally aligned");
                                 prop_assert_eq!(e.translated % size, 0, "naturally aligned");
-                                prop_assert!(!(e.w && req.no_write));
+                                prop_assert!(!e.global, "Global is never set");
+                                prop_assert!(!e.x || e.r, "Exe implies R");
                                 if let Some(n) = next {
                                     prop_assert_eq!(e.untranslated, n, "consecutive ranges");
                                 }

@@ -325,6 +325,9 @@ pub struct Driver {
     pub priq: u64,
     pub strtab: u64,
     pub st: StreamTable,
+    /// PASID the walk tests send with their transactions (privilege and execute only count
+    /// with a PASID).
+    pub pasid: Option<u32>,
     prod: u32,
     evt_cons: u32,
 }
@@ -355,6 +358,7 @@ impl Driver {
             priq: 0,
             strtab: 0,
             st,
+            pasid: None,
             prod: 0,
             evt_cons: 0,
         };

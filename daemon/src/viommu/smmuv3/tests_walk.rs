@@ -20,7 +20,7 @@ fn dma_at(d: &mut Driver, address: u64, a: Access) -> Result<DmaTranslation, Dma
         &d.guest.mem,
         &DmaRequest {
             sid: SID,
-            ssid: None,
+            ssid: d.pasid,
             address,
             access: a,
         },
@@ -30,7 +30,7 @@ fn dma_at(d: &mut Driver, address: u64, a: Access) -> Result<DmaTranslation, Dma
 fn ats_at(d: &mut Driver, address: u64, exec: bool, privileged: bool) -> Vec<AtsTranslation> {
     let req = AtsRequest {
         sid: SID,
-        ssid: None,
+        ssid: d.pasid,
         address,
         length: 1,
         no_write: false,
@@ -40,7 +40,8 @@ fn ats_at(d: &mut Driver, address: u64, exec: bool, privileged: bool) -> Vec<Ats
     d.smmu.translate_ats(&d.guest.mem, &req, 4).unwrap()
 }
 
-/// A stage-1-only stream with one CD built from `pt`, after `tweak` edits the CD words.
+/// A stage-1-only stream whose SSIDs 0 and 1 share one CD built from `pt` (after `tweak`
+/// edits the CD words); the tests send PASID 1 so that privilege and execute count.
 fn s1_env(
     props: Smmuv3Properties,
     granule_log2: u32,
@@ -48,12 +49,14 @@ fn s1_env(
     tweak: impl Fn(&mut [u64; 8]),
 ) -> (Driver, PageTables) {
     let mut d = Driver::new(props, StreamTable::Linear);
-    let t = d.alloc_cd_table(0);
+    let t = d.alloc_cd_table(1);
     let pt = PageTables::stage1(&d.guest, granule_log2, tsz);
     let mut cd = cd_words(&pt, 5, 1);
     tweak(&mut cd);
     d.install_cd(&t, SID, 0, cd);
-    d.install_ste(SID, ste_s1(t.base, 0, 0, 0, 1));
+    d.install_cd(&t, SID, 1, cd);
+    d.install_ste(SID, ste_s1(t.base, 0, 1, 2, 1));
+    d.pasid = Some(1);
     (d, pt)
 }
 
@@ -360,6 +363,7 @@ fn input_range_ttb1_and_tbi() {
     cd[2] = hi_pt.root;
     d.install_cd(&t, SID, 0, cd);
     d.install_ste(SID, ste_s1(t.base, 0, 0, 0, 1));
+    d.pasid = None;
     assert_eq!(
         dma_at(&mut d, va_hi + 4, access(false, false, false))
             .unwrap()
@@ -515,38 +519,34 @@ fn stage2_bad_configurations() {
 
 #[test]
 fn stage2_permission_combinations() {
-    // (S2AP/XN attrs, rwx)
-    let cases: [(u64, Rwx); 6] = [
-        (0, (false, false, false)),
-        (S2AP_R, (true, false, true)),
-        (S2AP_W, (false, true, false)),
-        (S2AP_R | S2AP_W, (true, true, true)),
-        (S2AP_R | S2_XN, (true, false, false)),
-        (S2AP_R | S2AP_W | S2_XN, (true, true, false)),
+    // (S2AP/XN attrs, read, write)
+    let cases: [(u64, bool, bool); 6] = [
+        (0, false, false),
+        (S2AP_R, true, false),
+        (S2AP_W, false, true),
+        (S2AP_R | S2AP_W, true, true),
+        (S2AP_R | S2_XN, true, false),
+        (S2AP_R | S2AP_W | S2_XN, true, true),
     ];
-    for (attrs, (r, w, x)) in cases {
+    for (attrs, r, w) in cases {
         let mut d = Driver::new(Smmuv3Properties::default(), StreamTable::Linear);
         let s2 = PageTables::new(&d.guest, 12, 39, 1);
         s2_env(&mut d, &s2, 1, 1);
         s2.map(&d.guest, 0x5000, 0x9000_0000, 12, AF | attrs);
+        // A stage-2-only stream takes no PASID: every request is unprivileged data, so an
+        // execute request is checked as a read and ATS never grants Exe.
         for privileged in [false, true] {
-            assert_eq!(
-                dma_at(&mut d, 0x5000, access(false, false, privileged)).is_ok(),
-                r,
-                "{attrs:#x}"
-            );
-            assert_eq!(
-                dma_at(&mut d, 0x5000, access(true, false, privileged)).is_ok(),
-                w,
-                "{attrs:#x}"
-            );
-            assert_eq!(
-                dma_at(&mut d, 0x5000, access(false, true, privileged)).is_ok(),
-                x,
-                "{attrs:#x}"
-            );
+            let ok = |d: &mut Driver, write, exec| {
+                dma_at(d, 0x5000, access(write, exec, privileged)).is_ok()
+            };
+            assert_eq!(ok(&mut d, false, false), r, "{attrs:#x}");
+            assert_eq!(ok(&mut d, true, false), w, "{attrs:#x}");
+            assert_eq!(ok(&mut d, false, true), r, "{attrs:#x}");
             let e = ats_at(&mut d, 0x5000, true, privileged);
-            assert_eq!((e[0].r, e[0].w, e[0].x), (r, w, x), "{attrs:#x}");
+            assert_eq!(
+                (e[0].r, e[0].w, e[0].x, e[0].privileged),
+                (r, w, false, false)
+            );
         }
         for ev in d.events() {
             assert_eq!(ev.kind, EventType::FPermission);
@@ -554,6 +554,23 @@ fn stage2_permission_combinations() {
             assert_eq!(ev.aux_addr, 0x5000, "the IPA");
         }
     }
+}
+
+#[test]
+fn stage2_execute_never_applies_to_pasid_requests() {
+    let (mut d, s1, s2) = nested_env(1);
+    s2.map(&d.guest, 0x4001_0000, 0xa001_0000, 16, AF | S2AP_R | S2_XN);
+    s1.map(&d.guest, 0x8000, 0x4001_0000, 12, AF | AP_EL0 | AP_RO);
+    assert!(dma_at(&mut d, 0x8000, access(false, false, false)).is_ok());
+    let f = dma_at(&mut d, 0x8000, access(false, true, false)).unwrap_err();
+    assert_eq!(f.event, Some(EventType::FPermission));
+    assert!(d.events()[0].stage2);
+    let e = ats_at(&mut d, 0x8000, true, false);
+    assert_eq!((e[0].r, e[0].w, e[0].x), (true, false, false));
+    // Without XN the same request is executable.
+    s1.map(&d.guest, 0x9000, 0x4000_3000, 12, AF | AP_EL0 | AP_RO);
+    let e = ats_at(&mut d, 0x9000, true, false);
+    assert_eq!((e[0].r, e[0].w, e[0].x), (true, false, true));
 }
 
 #[test]
@@ -612,11 +629,13 @@ fn nested_env(eats: u64) -> (Driver, PageTables, PageTables) {
     // IPA → PA: guest RAM identity at 512 MiB blocks; IPA 0x4000_0000 → PA 0xa000_0000.
     s2.map(&d.guest, RAM_BASE, RAM_BASE, 29, AF | S2AP_R | S2AP_W);
     s2.map(&d.guest, 0x4000_0000, 0xa000_0000, 16, AF | S2AP_R);
-    let t = d.alloc_cd_table(0);
+    let t = d.alloc_cd_table(1);
     let s1 = PageTables::stage1(&d.guest, 12, 25);
     d.install_cd(&t, SID, 0, cd_words(&s1, 5, 3));
+    d.install_cd(&t, SID, 1, cd_words(&s1, 5, 3));
+    d.pasid = Some(1);
     let (w2, ttb) = s2_words(&s2, 1, 2, 6);
-    let mut ste = ste_s1(t.base, 0, 0, 0, eats);
+    let mut ste = ste_s1(t.base, 0, 1, 2, eats);
     ste[0] = ste[0] & !0xe | STE_CFG_NESTED << 1;
     ste[2] = w2;
     ste[3] = ttb;
