@@ -958,3 +958,113 @@ fn stage2_fault_event_carries_ipa_and_class() {
     assert_eq!(ev[0].aux_addr, s1.root);
     assert_eq!(ev[0].input_addr, VA);
 }
+
+#[test]
+fn cfgi_ste_range_covers_its_aligned_span_only() {
+    let mut d = Driver::new(Smmuv3Properties::default(), StreamTable::Linear);
+    for sid in [4, 7, 8] {
+        d.install_ste(sid, [1 | STE_CFG_BYPASS << 1, 0, 0, 0, 0, 0, 0, 0]);
+        assert!(d
+            .smmu
+            .translate_dma(&d.guest.mem, &dma(sid, None, 0, false))
+            .is_ok());
+        let addr = d.ste_addr(sid);
+        d.guest.w64(addr, 0);
+    }
+    // Range 1: 4 SIDs from 4 & !3 = 4, i.e. 4..=7.
+    d.submit(&[[u64::from(opcode::CFGI_STE_RANGE) | 5 << 32, 1]]);
+    d.sync();
+    for (sid, cached) in [(4, false), (7, false), (8, true)] {
+        let r = d
+            .smmu
+            .translate_dma(&d.guest.mem, &dma(sid, None, 0, false));
+        assert_eq!(r.is_ok(), cached, "sid {sid}");
+    }
+}
+
+#[test]
+fn cd_table_formats() {
+    // (S1Fmt, S1CDMax, split)
+    for (fmt, cd_max, split) in [(0u64, 4u32, 0u32), (1, 8, 6), (2, 12, 10)] {
+        let mut d = Driver::new(Smmuv3Properties::default(), StreamTable::Linear);
+        let pt = PageTables::stage1(&d.guest, 12, 16);
+        pt.map(&d.guest, VA, PA, 12, AF | AP_EL0 | NG);
+        let ssid = (1u32 << cd_max) - 1;
+        let cd_addr = if fmt == 0 {
+            let base = d.guest.alloc(64 << cd_max, 64 << cd_max);
+            d.install_ste(1, ste_s1(base, 0, u64::from(cd_max), 2, 1));
+            base + u64::from(ssid) * 64
+        } else {
+            let l1 = d.guest.alloc(8 << (cd_max - split), 64);
+            let leaf = d.guest.alloc(64 << split, 1 << 16);
+            d.guest.w64(l1 + u64::from(ssid >> split) * 8, leaf | 1);
+            d.install_ste(1, ste_s1(l1, fmt, u64::from(cd_max), 2, 1));
+            leaf + u64::from(ssid & ((1 << split) - 1)) * 64
+        };
+        for (i, w) in cd_words(&pt, 5, 9).iter().enumerate() {
+            d.guest.w64(cd_addr + 8 * i as u64, *w);
+        }
+        let t = d
+            .smmu
+            .translate_dma(&d.guest.mem, &dma(1, Some(ssid), VA, false))
+            .unwrap();
+        assert_eq!(t.address, PA, "S1Fmt {fmt}");
+        if fmt != 0 {
+            // An SSID whose L1 descriptor is invalid.
+            let f = d
+                .smmu
+                .translate_dma(&d.guest.mem, &dma(1, Some(1), VA, false))
+                .unwrap_err();
+            assert_eq!(f.event, Some(EventType::CBadSubstreamId), "S1Fmt {fmt}");
+        }
+    }
+    // 2-level CD tables without IDR0.CD2L are an illegal STE.
+    let props = Smmuv3Properties {
+        two_level_cd: false,
+        ..Smmuv3Properties::default()
+    };
+    let mut d = Driver::new(props, StreamTable::Linear);
+    d.install_ste(1, ste_s1(0x8000_0000, 2, 12, 2, 1));
+    let f = d
+        .smmu
+        .translate_dma(&d.guest.mem, &dma(1, Some(3), VA, false))
+        .unwrap_err();
+    assert_eq!(f.event, Some(EventType::CBadSte));
+}
+
+#[test]
+fn stream_table_geometry() {
+    // Linear: SIDs at or beyond 2^LOG2SIZE are C_BAD_STREAMID.
+    let mut d = Driver::new(Smmuv3Properties::default(), StreamTable::Linear);
+    let f = d
+        .smmu
+        .translate_dma(&d.guest.mem, &dma(1 << 12, None, 0, false))
+        .unwrap_err();
+    assert_eq!(f.event, Some(EventType::CBadStreamId));
+    // 2-level with SPLIT 6 and 10, and a SPAN smaller than SPLIT + 1.
+    for split in [6u64, 10] {
+        let mut d = Driver::new(Smmuv3Properties::default(), StreamTable::Linear);
+        let l1 = d.guest.alloc(8 << (16 - split), 64);
+        d.w32(CR0, CR0_EVENTQEN | CR0_CMDQEN);
+        d.w64(STRTAB_BASE, l1);
+        d.w32(STRTAB_BASE_CFG, (16 | split << 6 | 1 << 16) as u32);
+        d.w32(CR0, CR0_EVENTQEN | CR0_CMDQEN | CR0_SMMUEN | CR0_ATSCHK);
+        let l2 = d.guest.alloc(64 << 2, 64);
+        let sid = (3u32 << split) | 2;
+        d.guest.w64(l1 + 3 * 8, l2 | 3); // SPAN 3: 4 STEs
+        d.guest.w64(l2 + 2 * 64, 1 | STE_CFG_BYPASS << 1);
+        assert!(d
+            .smmu
+            .translate_dma(&d.guest.mem, &dma(sid, None, 0x1000, false))
+            .is_ok());
+        let f = d
+            .smmu
+            .translate_dma(&d.guest.mem, &dma(sid + 2, None, 0, false))
+            .unwrap_err();
+        assert_eq!(
+            f.event,
+            Some(EventType::CBadStreamId),
+            "beyond SPAN, split {split}"
+        );
+    }
+}
