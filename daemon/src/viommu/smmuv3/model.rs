@@ -525,9 +525,16 @@ impl Smmuv3 {
         let priq_on = self.regs.cr0 & CR0_PRIQEN != 0;
         let smmu_on = self.enabled();
         let cr2_mask = CR2_RECINVSID | if self.props.ats { CR2_REC_CFG_ATS } else { 0 };
+        let mut cr0_mask = CR0_MASK;
+        if !self.props.ats {
+            cr0_mask &= !CR0_ATSCHK;
+        }
+        if !self.props.pri {
+            cr0_mask &= !CR0_PRIQEN;
+        }
         let r = &mut self.regs;
         match offset & !0x10000 {
-            CR0 => r.cr0 = v & CR0_MASK,
+            CR0 => r.cr0 = v & cr0_mask,
             // CR1 and CR2 are read-only while SMMUEN = 1.
             CR1 if !smmu_on => r.cr1 = v & 0x3f,
             CR2 if !smmu_on => r.cr2 = v & cr2_mask,
@@ -565,6 +572,11 @@ impl Smmuv3 {
             PRIQ_IRQ_CFG1 => r.priq_irq_cfg1 = v,
             PRIQ_IRQ_CFG2 => r.priq_irq_cfg2 = v & 0x3f,
             _ => {}
+        }
+        if cmdq_on && self.regs.cr0 & CR0_CMDQEN == 0 {
+            // Disabling the queue abandons a waiting CMD_SYNC; software may rewrite CONS.
+            // Outstanding invalidations stay outstanding for the next CMD_SYNC.
+            self.wait = CmdqWait::Running;
         }
     }
 

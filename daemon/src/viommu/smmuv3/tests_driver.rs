@@ -1068,3 +1068,30 @@ fn stream_table_geometry() {
         );
     }
 }
+
+#[test]
+fn disabling_the_queue_abandons_a_waiting_sync_but_not_the_invalidation() {
+    let mut d = Driver::new(Smmuv3Properties::default(), StreamTable::Linear);
+    d.submit(&[cmd::atc_inv(1, None, 0, 0)]);
+    let slot = d.submit_sync();
+    let inv = atc_invalidations(&d.outputs());
+    assert!(d.smmu.waiting_for_atc());
+    let cr0 = d.r32(CR0);
+    d.w32(CR0, cr0 & !CR0_CMDQEN);
+    assert!(!d.smmu.waiting_for_atc());
+    // Re-enabled, the SYNC runs again and still waits for the device.
+    d.w32(CR0, cr0);
+    assert!(d.smmu.waiting_for_atc());
+    assert_ne!(d.guest.r32(slot), 0);
+    d.smmu.ack_atc_invalidation(&d.guest.mem, inv[0].id);
+    assert_eq!(d.guest.r32(slot), 0);
+    // CR0 bits for features the model lacks do not stick.
+    let props = Smmuv3Properties {
+        ats: false,
+        pri: false,
+        ..Smmuv3Properties::default()
+    };
+    let mut d = Driver::new(props, StreamTable::Linear);
+    d.w32(CR0, 0x1f);
+    assert_eq!(d.r32(CR0ACK), CR0_SMMUEN | CR0_EVENTQEN | CR0_CMDQEN);
+}
