@@ -122,15 +122,24 @@ pub(crate) enum Command {
     },
 }
 
+/// A command the model cannot execute: unknown opcode, reserved field value, or a command
+/// for a feature the model does not advertise. Stops the queue with CERROR_ILL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct IllegalCommand;
+
 /// Largest ATC_INV Size: "invalidate the whole address space".
 pub const ATC_INV_SIZE_ALL: u32 = 52;
 
-/// Decode one command; `Err(())` is CERROR_ILL.
-pub(crate) fn decode(dw0: u64, dw1: u64, props: &Smmuv3Properties) -> Result<Command, ()> {
+/// Decode one command; `Err` is CERROR_ILL.
+pub(crate) fn decode(
+    dw0: u64,
+    dw1: u64,
+    props: &Smmuv3Properties,
+) -> Result<Command, IllegalCommand> {
     let op = (dw0 & 0xff) as u8;
     if dw0 >> 10 & 1 == 1 {
         // SSEC on the non-secure queue.
-        return Err(());
+        return Err(IllegalCommand);
     }
     let sid = (dw0 >> 32) as u32;
     let ssid = (dw0 >> 12 & 0xf_ffff) as u32;
@@ -173,7 +182,7 @@ pub(crate) fn decode(dw0: u64, dw1: u64, props: &Smmuv3Properties) -> Result<Com
         opcode::ATC_INV if props.ats => {
             let size = (dw1 & 0x3f) as u32;
             if size > ATC_INV_SIZE_ALL {
-                return Err(());
+                return Err(IllegalCommand);
             }
             let size_log2 = if size == ATC_INV_SIZE_ALL {
                 64
@@ -198,7 +207,7 @@ pub(crate) fn decode(dw0: u64, dw1: u64, props: &Smmuv3Properties) -> Result<Com
                 0 => PriResponseCode::Deny,
                 1 => PriResponseCode::Fail,
                 2 => PriResponseCode::Success,
-                _ => return Err(()),
+                _ => return Err(IllegalCommand),
             };
             Command::PriResp {
                 sid,
@@ -212,7 +221,7 @@ pub(crate) fn decode(dw0: u64, dw1: u64, props: &Smmuv3Properties) -> Result<Com
                 0 => SyncSignal::None,
                 1 => SyncSignal::Irq,
                 2 if props.sev => SyncSignal::Sev,
-                _ => return Err(()),
+                _ => return Err(IllegalCommand),
             };
             Command::Sync {
                 signal,
@@ -222,7 +231,7 @@ pub(crate) fn decode(dw0: u64, dw1: u64, props: &Smmuv3Properties) -> Result<Com
         }
         // EL2/EL3 TLBIs (no IDR0.HYP, non-secure queue), unknown opcodes, and commands for
         // features the model does not advertise.
-        _ => return Err(()),
+        _ => return Err(IllegalCommand),
     })
 }
 

@@ -8,6 +8,11 @@
 use super::props::{pa_bits, Smmuv3Properties};
 use super::walk::{stage1_start_level, Stage, WalkConfig};
 
+/// An ILLEGAL structure (the architecture's word): the STE or CD cannot be used and the
+/// transaction is terminated with C_BAD_STE / C_BAD_CD.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Illegal;
+
 /// STE.EATS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Eats {
@@ -68,22 +73,22 @@ pub(crate) enum Ste {
     },
 }
 
-/// Decode the 8 words of an STE. `Err(())` means C_BAD_STE.
-pub(crate) fn decode_ste(w: &[u64; 8], props: &Smmuv3Properties) -> Result<Ste, ()> {
+/// Decode the 8 words of an STE. `Err` means C_BAD_STE.
+pub(crate) fn decode_ste(w: &[u64; 8], props: &Smmuv3Properties) -> Result<Ste, Illegal> {
     if w[0] & 1 == 0 {
-        return Err(());
+        return Err(Illegal);
     }
     let config = (w[0] >> 1 & 7) as u8;
     if config == 0 {
         return Ok(Ste::Abort);
     }
     if config & 4 == 0 {
-        return Err(());
+        return Err(Illegal);
     }
     let s1_on = config & 1 != 0;
     let s2_on = config & 2 != 0;
     if (s1_on && !props.stage1) || (s2_on && !props.stage2) {
-        return Err(());
+        return Err(Illegal);
     }
     let eats = if !props.ats {
         Eats::Disabled
@@ -92,7 +97,7 @@ pub(crate) fn decode_ste(w: &[u64; 8], props: &Smmuv3Properties) -> Result<Ste, 
             0 => Eats::Disabled,
             1 => Eats::Full,
             2 if s1_on && s2_on => Eats::SplitStage,
-            _ => return Err(()),
+            _ => return Err(Illegal),
         }
     };
     let vmid_mask = if props.vmid16 { 0xffff } else { 0xff };
@@ -102,17 +107,17 @@ pub(crate) fn decode_ste(w: &[u64; 8], props: &Smmuv3Properties) -> Result<Ste, 
             0 => CdTableFormat::Linear,
             1 if props.two_level_cd => CdTableFormat::TwoLevel { split: 6 },
             2 if props.two_level_cd => CdTableFormat::TwoLevel { split: 10 },
-            _ => return Err(()),
+            _ => return Err(Illegal),
         };
         let cd_max = (w[0] >> 59) as u32;
         if cd_max > u32::from(props.ssid_bits) {
-            return Err(());
+            return Err(Illegal);
         }
         let dss = match w[1] & 3 {
             0 => S1Dss::Terminate,
             1 => S1Dss::Bypass,
             2 => S1Dss::Substream0,
-            _ => return Err(()),
+            _ => return Err(Illegal),
         };
         Some(Stage1Config {
             ctx_ptr: w[0] & 0x000f_ffff_ffff_ffc0,
@@ -131,7 +136,7 @@ pub(crate) fn decode_ste(w: &[u64; 8], props: &Smmuv3Properties) -> Result<Ste, 
     Ok(Ste::Translate { s1, s2, eats, vmid })
 }
 
-fn decode_s2(w: &[u64; 8], props: &Smmuv3Properties) -> Result<Stage2Config, ()> {
+fn decode_s2(w: &[u64; 8], props: &Smmuv3Properties) -> Result<Stage2Config, Illegal> {
     let vtcr = w[2] >> 32;
     let t0sz = (vtcr & 0x3f) as u32;
     let sl0 = (vtcr >> 6 & 3) as u32;
@@ -139,22 +144,22 @@ fn decode_s2(w: &[u64; 8], props: &Smmuv3Properties) -> Result<Stage2Config, ()>
         0 => 12,
         1 => 16,
         2 => 14,
-        _ => return Err(()),
+        _ => return Err(Illegal),
     };
     let ps = vtcr >> 16 & 7;
     let aa64 = w[2] >> 51 & 1 == 1;
     let endi = w[2] >> 52 & 1 == 1;
     if !aa64 || endi || !props.granule_supported(granule_log2) {
-        return Err(());
+        return Err(Illegal);
     }
     let max_t0sz = if granule_log2 == 16 { 47 } else { 48 };
     if !(16..=max_t0sz).contains(&t0sz) {
-        return Err(());
+        return Err(Illegal);
     }
     let oas = props.oas.bits();
     let input_bits = 64 - t0sz;
     if input_bits > oas {
-        return Err(());
+        return Err(Illegal);
     }
     let start_level = match (granule_log2, sl0) {
         (12, 0) => 2,
@@ -165,7 +170,7 @@ fn decode_s2(w: &[u64; 8], props: &Smmuv3Properties) -> Result<Stage2Config, ()>
         (14, 2) => 1,
         (16, 0) => 3,
         (16, 1) => 2,
-        _ => return Err(()),
+        _ => return Err(Illegal),
     };
     let walk = WalkConfig {
         stage: Stage::Two,
@@ -178,7 +183,7 @@ fn decode_s2(w: &[u64; 8], props: &Smmuv3Properties) -> Result<Stage2Config, ()>
     };
     // The start level must resolve at least one bit and at most 16 concatenated tables.
     if input_bits <= walk.level_shift(start_level) || walk.start_bits() > walk.stride() + 4 {
-        return Err(());
+        return Err(Illegal);
     }
     Ok(Stage2Config {
         walk,
@@ -208,24 +213,24 @@ pub(crate) struct Cd {
     pub abort: bool,
 }
 
-/// Decode the first words of a CD. `Err(())` means C_BAD_CD.
-pub(crate) fn decode_cd(w: &[u64; 4], props: &Smmuv3Properties) -> Result<Cd, ()> {
+/// Decode the first words of a CD. `Err` means C_BAD_CD.
+pub(crate) fn decode_cd(w: &[u64; 4], props: &Smmuv3Properties) -> Result<Cd, Illegal> {
     let d0 = w[0];
     if d0 >> 31 & 1 == 0 || d0 >> 41 & 1 == 0 || d0 >> 15 & 1 == 1 {
         // V clear, AArch32 tables, or big-endian tables: none is supported.
-        return Err(());
+        return Err(Illegal);
     }
     let out_bits = pa_bits(d0 >> 32 & 7).min(props.oas.bits());
     let affd = d0 >> 35 & 1 == 1;
     let tbi = d0 >> 38 & 3;
-    let region = |tsz: u32, tg: Option<u32>, ttb: u64, tbi: bool| -> Result<Region, ()> {
-        let granule_log2 = tg.ok_or(())?;
+    let region = |tsz: u32, tg: Option<u32>, ttb: u64, tbi: bool| -> Result<Region, Illegal> {
+        let granule_log2 = tg.ok_or(Illegal)?;
         if !props.granule_supported(granule_log2) {
-            return Err(());
+            return Err(Illegal);
         }
         let max_tsz = if granule_log2 == 16 { 47 } else { 48 };
         if !(16..=max_tsz).contains(&tsz) {
-            return Err(());
+            return Err(Illegal);
         }
         let input_bits = 64 - tsz;
         Ok(Region {

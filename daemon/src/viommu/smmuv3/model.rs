@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 
 use super::cmdq::{self, Command, PriResponseCode, SyncSignal};
 use super::config::{
-    decode_cd, decode_ste, Cd, CdTableFormat, Eats, S1Dss, Stage1Config, Stage2Config, Ste,
+    decode_cd, decode_ste, Cd, CdTableFormat, Eats, Illegal, S1Dss, Stage1Config, Stage2Config, Ste,
 };
 use super::events::{Event, EventType, FaultClass};
 use super::memory::{read_u64, read_words, GuestMemory};
@@ -706,7 +706,7 @@ impl Smmuv3 {
             ..Event::config(EventType::FSteFetch, sid, None)
         })?;
         let ste = decode_ste(&words, &self.props)
-            .map_err(|()| Event::config(EventType::CBadSte, sid, None))?;
+            .map_err(|Illegal| Event::config(EventType::CBadSte, sid, None))?;
         self.cache.insert_ste(sid, ste);
         Ok(ste)
     }
@@ -773,7 +773,7 @@ impl Smmuv3 {
         };
         let words = self.read_cd_word(mem, s2, addr, sid, ssid, 4)?;
         let cd = decode_cd(&words, &self.props)
-            .map_err(|()| Stop::Config(Event::config(EventType::CBadCd, sid, Some(ssid))))?;
+            .map_err(|Illegal| Stop::Config(Event::config(EventType::CBadCd, sid, Some(ssid))))?;
         self.cache.insert_cd(sid, ssid, cd);
         Ok(cd)
     }
