@@ -5,7 +5,7 @@
 
 use super::props::Smmuv3Properties;
 
-/// Command opcodes (dw0[7:0]).
+/// Command opcodes (`dw0[7:0]`).
 pub mod opcode {
     /// CMD_PREFETCH_CONFIG.
     pub const PREFETCH_CONFIG: u8 = 0x01;

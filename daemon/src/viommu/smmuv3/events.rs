@@ -1,6 +1,6 @@
 //! Event records (32 bytes) written to the event queue.
 
-/// Event type codes (the record's dw0[7:0]).
+/// Event type codes (the record's `dw0[7:0]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum EventType {

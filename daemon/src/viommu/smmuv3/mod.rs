@@ -18,6 +18,19 @@
 //! * ATC invalidation: deliver each [`AtcInvalidation`] to the device with that StreamID and
 //!   call [`Smmuv3::ack_atc_invalidation`] when it is done; if [`Smmuv3::waiting_for_atc`]
 //!   stays true past the deadline, call [`Smmuv3::atc_invalidation_timeout`].
+//!
+//! Scope and deliberate choices:
+//! * Non-secure programming interface only; AArch64 little-endian tables; 48-bit output
+//!   formats (OAS up to 48 bits, no 52-bit/LPA2); no HTTU (CD.HA/HD ignored, so AF = 0 is an
+//!   access fault or an ATS hole), no stall model, no broadcast TLB maintenance, no EL2/EL3
+//!   streams (their TLBI commands are CERROR_ILL), no ECMDQ, VATOS or MPAM.
+//! * Translated transactions are always checked against STE.EATS, as with CR0.ATSCHK = 1,
+//!   whatever the guest wrote to ATSCHK: the devices behind the model are vfud's own.
+//! * ATS holes (R = W = 0) report the block size of the level where the walk stopped, not the
+//!   STU, so devices can skip whole unmapped regions.
+//! * Every walk and every queue loop is bounded: a translation makes at most a few dozen
+//!   guest-memory accesses, a command-consuming call at most [`COMMAND_BUDGET`] commands, an
+//!   ATS request at most [`MAX_ATS_ENTRIES`] translations; caches and outputs are capped.
 
 mod cmdq;
 mod config;
