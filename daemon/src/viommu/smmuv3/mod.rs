@@ -40,6 +40,7 @@ mod model;
 mod props;
 pub mod regs;
 mod tlb;
+mod types;
 mod walk;
 
 #[cfg(test)]
@@ -57,11 +58,13 @@ pub use cmdq::{opcode, PriResponseCode, ATC_INV_SIZE_ALL};
 pub use events::{Event, EventType, FaultClass};
 pub use memory::{GuestMemory, GuestMemoryError, VecMemory};
 pub use model::{
-    Access, AtcInvalidation, AtsError, AtsRequest, AtsTranslation, DmaFault, DmaRequest,
-    DmaTranslation, Interrupt, InterruptSource, MsiMessage, PageRequest, PriError, PriResponse,
-    Smmuv3, Smmuv3Output, COMMAND_BUDGET, MAX_ATS_ENTRIES, MAX_OUTSTANDING_ATC_INVALIDATIONS,
-    OUTPUT_CAPACITY,
+    Smmuv3, COMMAND_BUDGET, MAX_ATS_ENTRIES, MAX_OUTSTANDING_ATC_INVALIDATIONS, OUTPUT_CAPACITY,
 };
 pub use props::{Oas, PropertiesError, Smmuv3Properties};
 pub use regs::REGISTER_WINDOW_SIZE;
+pub use types::{
+    Access, AtcInvalidation, AtsError, AtsRequest, AtsTranslation, DmaFault, DmaRequest,
+    DmaTranslation, Interrupt, InterruptSource, MsiMessage, PageRequest, PriError, PriResponse,
+    Smmuv3Output,
+};
 pub use walk::Perms;
