@@ -144,7 +144,7 @@ pub enum PriError {
 }
 
 /// A device-ATC invalidation the device with `sid` must perform and then acknowledge with
-/// [`Smmuv3::ack_atc_invalidation`] (`id`).
+/// [`Smmuv3::ack_atc_invalidation`](super::Smmuv3::ack_atc_invalidation) (`id`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AtcInvalidation {
     /// Token for the acknowledgement.
