@@ -1,0 +1,3 @@
+//! Embedded vIOMMU models.
+
+pub mod vtd;
