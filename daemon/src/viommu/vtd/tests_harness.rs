@@ -507,6 +507,9 @@ fn ats_addr(addr: u64, size_log2: u8) -> u64 {
     if size_log2 <= 12 {
         return addr & !0xfff;
     }
+    if size_log2 >= 64 {
+        return 0x7fff_ffff_ffff_f000 | 1;
+    }
     let ones = (1u64 << (size_log2 - 1)) - 1;
     ((addr & !((1u64 << size_log2) - 1)) | (ones & !0xfff)) | 1
 }

@@ -155,6 +155,34 @@ fn in_interrupt_range(base: u64, size_log2: u8) -> bool {
 }
 
 impl Vtd {
+    fn context_for<M: GuestMemoryAccess + ?Sized>(
+        &mut self,
+        mem: &M,
+        sid: u16,
+    ) -> Result<ContextInfo, TableFault> {
+        if let Some(c) = self.caches.context(sid) {
+            return Ok(c);
+        }
+        let root = self.root.unwrap_or(RootPointer { addr: 0, ttm: 0 });
+        let c = read_context(mem, &self.cfg, root, sid)?;
+        self.caches.put_context(sid, c);
+        Ok(c)
+    }
+
+    /// Whether the requester's context lets it use ATS (translation requests and translated
+    /// requests), with the context's FPD and mode. Depends on the context entry only.
+    fn context_allows_ats<M: GuestMemoryAccess + ?Sized>(
+        &mut self,
+        mem: &M,
+        sid: u16,
+        pasid: Option<u32>,
+    ) -> Result<(bool, bool, bool), TableFault> {
+        Ok(match self.context_for(mem, sid)? {
+            ContextInfo::Legacy(d) => (d.ats && pasid.is_none(), d.fpd, false),
+            ContextInfo::Scalable(sc) => (sc.dte && (pasid.is_none() || sc.paside), sc.fpd, true),
+        })
+    }
+
     /// The domain translating `(sid, pasid)`, the PASID tag for the IOTLB and whether
     /// requests without PASID are privileged (RID_PRIV).
     fn domain_for<M: GuestMemoryAccess + ?Sized>(
@@ -163,16 +191,7 @@ impl Vtd {
         sid: u16,
         pasid: Option<u32>,
     ) -> Result<(Domain, u32, bool), TableFault> {
-        let root = self.root.unwrap_or(RootPointer { addr: 0, ttm: 0 });
-        let ctx = match self.caches.context(sid) {
-            Some(c) => c,
-            None => {
-                let c = read_context(mem, &self.cfg, root, sid)?;
-                self.caches.put_context(sid, c);
-                c
-            }
-        };
-        match ctx {
+        match self.context_for(mem, sid)? {
             ContextInfo::Legacy(d) => match pasid {
                 None => Ok((d, NO_PASID, false)),
                 Some(_) => Err(TableFault {
@@ -359,7 +378,8 @@ impl Vtd {
 
     /// Translated DMA (AT=10): allowed only when the requester's context permits ATS (legacy
     /// TT=01, scalable DTE=1, with PASIDE for requests with PASID); otherwise blocked with
-    /// fault 0xD. Returns the address to access (unchanged).
+    /// fault 0xD. Only the context entry is consulted (a translated address needs no walk).
+    /// Returns the address to access (unchanged).
     pub fn translated_dma<M: GuestMemoryAccess + ?Sized>(
         &mut self,
         mem: &mut M,
@@ -374,26 +394,26 @@ impl Vtd {
                 false,
             ));
         }
-        let (domain, _, _) = match self.domain_for(mem, req.sid, req.pasid) {
-            Ok(d) => d,
+        let (allowed, fpd, scalable) = match self.context_allows_ats(mem, req.sid, req.pasid) {
+            Ok(c) => c,
             Err(f) => return Err(self.fault(req, f.reason, AddressType::Translated, false, f.fpd)),
         };
-        if !domain.ats {
+        if !allowed {
             return Err(self.fault(
                 req,
                 FaultReason::TranslationBlocked,
                 AddressType::Translated,
                 false,
-                domain.fpd,
+                fpd,
             ));
         }
         if req.write && in_interrupt_range(req.addr & !0xfff, 12) {
-            let reason = if domain.scalable {
+            let reason = if scalable {
                 FaultReason::SmInterruptAddress
             } else {
                 FaultReason::InterruptAddress
             };
-            return Err(self.fault(req, reason, AddressType::Translated, false, domain.fpd));
+            return Err(self.fault(req, reason, AddressType::Translated, false, fpd));
         }
         Ok(req.addr)
     }
@@ -402,7 +422,9 @@ impl Vtd {
     /// until `req.len` is covered or `max_entries` are produced. Not-present and permission
     /// conditions answer R=W=0 for the size of the hole without recording a fault; a
     /// read-only page answers R=1, W=0; other conditions are recorded and end the completion
-    /// with a 4 KiB R=W=0 entry.
+    /// with a 4 KiB R=W=0 entry. The request is rejected as a whole (UR) when translation is
+    /// off, the unit lacks device-TLB support, or the requester's context entry is missing,
+    /// malformed or does not allow ATS (recorded; fault 0xD for the latter).
     pub fn translation_request<M: GuestMemoryAccess + ?Sized>(
         &mut self,
         mem: &mut M,
@@ -419,24 +441,16 @@ impl Vtd {
             return Err(AtsRejection::UnsupportedRequest);
         }
         let at = AddressType::TranslationRequest;
-        let domain = match self.domain_for(mem, req.sid, req.pasid) {
-            Ok((d, _, _)) => d,
-            Err(f) => {
-                if !f.reason.recoverable() {
-                    self.fault(&as_dma, f.reason, at, req.exec, f.fpd);
-                }
+        match self.context_allows_ats(mem, req.sid, req.pasid) {
+            Ok((true, _, _)) => {}
+            Ok((false, fpd, _)) => {
+                self.fault(&as_dma, FaultReason::TranslationBlocked, at, req.exec, fpd);
                 return Err(AtsRejection::UnsupportedRequest);
             }
-        };
-        if !domain.ats {
-            self.fault(
-                &as_dma,
-                FaultReason::TranslationBlocked,
-                at,
-                req.exec,
-                domain.fpd,
-            );
-            return Err(AtsRejection::UnsupportedRequest);
+            Err(f) => {
+                self.fault(&as_dma, f.reason, at, req.exec, f.fpd);
+                return Err(AtsRejection::UnsupportedRequest);
+            }
         }
         let limit = req.max_entries.clamp(1, MAX_ATS_ENTRIES);
         let end = req.addr.saturating_add(req.len.max(1));
