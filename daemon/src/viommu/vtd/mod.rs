@@ -35,6 +35,7 @@ pub use translate::{
     AtsRejection, AtsRequest, AtsTranslation, DmaFault, DmaRequest, DmaTranslation,
     INTERRUPT_RANGE_LOG2, INTERRUPT_RANGE_START, MAX_ATS_ENTRIES,
 };
+pub use walk::MAX_GUEST_ACCESSES_PER_PAGE;
 
 #[cfg(test)]
 mod tests_driver;

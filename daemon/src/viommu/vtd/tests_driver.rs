@@ -438,7 +438,7 @@ fn legacy_mode_sequence_with_device_tlb() {
         g.dma(SID, None, IOVA + 8, true)
             .unwrap()
             .translate(IOVA + 8),
-        GPA + 8
+        Some(GPA + 8)
     );
     g.t.put(leaf, 0);
     g.submit(&[

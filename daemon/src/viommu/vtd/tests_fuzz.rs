@@ -10,28 +10,68 @@ use super::*;
 /// Guest memory of the property tests: 1 MiB at 0, filled from a seed.
 const FUZZ_MEM: usize = 1 << 20;
 
-/// Guest-memory accesses one translated page may need at most: root (2 reads), context (4),
-/// PASID directory (1) and PASID entry (8), then up to 35 entry reads plus accessed/dirty
-/// compare-exchanges (2 accesses each) on every first- and second-stage entry touched.
-const MAX_ACCESSES_PER_PAGE: u64 = 15 + 35 * 3;
+/// Guest-memory accesses one translated page may need at most (see the walk module).
+const MAX_ACCESSES_PER_PAGE: u64 = super::walk::MAX_GUEST_ACCESSES_PER_PAGE;
 /// Per register write: every descriptor of one kick (up to 4 reads and a status write).
 const MAX_ACCESSES_PER_WRITE: u64 = MAX_DESCRIPTORS_PER_KICK as u64 * 5;
 
+/// Seeded pseudo-random guest memory, structure-aware so that walks get deep: page `i` holds
+/// entries of kind `i % 8` (root, legacy context, scalable context, PASID directory, PASID
+/// table, first-stage table, second-stage table, noise) whose pointers mostly lead to a page
+/// of the next kind; one qword in sixteen gets a random bit flipped (reserved bits, bad
+/// types, wrong levels), one in ten is replaced by noise.
 fn fill(seed: u64) -> VecGuestMemory {
     let mut x = seed | 1;
-    let mut bytes = vec![0u8; FUZZ_MEM];
-    for chunk in bytes.chunks_mut(8) {
+    let mut next = move || {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        // Bias entries towards small, in-memory pointers with low flag bits set, so walks go
-        // deep instead of stopping at the first garbage entry.
-        let v = if x % 4 == 0 {
-            x
-        } else {
-            (x & 0xf_f000) | (x >> 52)
-        };
-        chunk.copy_from_slice(&v.to_le_bytes());
+        x
+    };
+    let pages = (FUZZ_MEM / 0x1000) as u64;
+    let mut bytes = vec![0u8; FUZZ_MEM];
+    for page in 0..pages {
+        let page_of = |kind: u64, r: u64| (((r >> 20) % (pages / 8)) * 8 + kind) << 12;
+        for q in 0..512u64 {
+            let r = next();
+            let v = match (page % 8, q) {
+                // Root: lo → legacy or scalable context page, hi → scalable context or 0.
+                (0, q) if q % 2 == 0 => page_of(1 + (r & 1), r) | 1,
+                (0, _) => {
+                    if r & 1 == 0 {
+                        0
+                    } else {
+                        page_of(2, r) | 1
+                    }
+                }
+                // Legacy context: lo P | TT, hi AW 1..3 | DID.
+                (1, q) if q % 2 == 0 => page_of(6, r) | 1 | ((r & 3) << 2),
+                (1, _) => (1 + r % 3) | ((r >> 8) & 0xff) << 8,
+                // Scalable context (4 qwords): P | DTE | PASIDE | PDTS, RID_PASID, 0, 0.
+                (2, q) if q % 4 == 0 => page_of(3, r) | 0xd | ((r & 7) << 9),
+                (2, q) if q % 4 == 1 => (r >> 40) & 0x3f,
+                (2, _) => 0,
+                // PASID directory: P.
+                (3, _) => page_of(4, r) | 1,
+                // PASID entry (8 qwords): P | AW | PGTT | SSPTPTR, DID, FSPTPTR, 0...
+                (4, q) if q % 8 == 0 => page_of(6, r) | 1 | (2 << 2) | ((1 + r % 4) << 6),
+                (4, q) if q % 8 == 1 => r & 0xffff,
+                (4, q) if q % 8 == 2 => page_of(5, r) | ((r >> 8) & 0x13),
+                (4, _) => 0,
+                // First stage: P | RW | US, sometimes PS, XD, G.
+                (5, _) => page_of(5, r) | 7 | (r & 0x8000_0000_0000_01a0),
+                // Second stage: R | W | X, sometimes PS.
+                (6, _) => page_of(6, r) | (1 + r % 7) | (r & 0x80),
+                _ => r,
+            };
+            let v = match next() % 160 {
+                0..=9 => v ^ (1 << (next() % 64)),
+                10..=25 => next(),
+                _ => v,
+            };
+            let at = (page * 0x1000 + q * 8) as usize;
+            bytes[at..at + 8].copy_from_slice(&v.to_le_bytes());
+        }
     }
     VecGuestMemory::from_bytes(0, bytes)
 }
@@ -142,12 +182,21 @@ proptest! {
 
     #[test]
     fn random_memory_and_register_writes_never_panic_and_stay_bounded(
-        seed in any::<u64>(),
+                seed in any::<u64>(),
         cfg in config(),
+        preamble in prop::option::of(0u64..4),
         ops in prop::collection::vec(op(), 1..120),
     ) {
         let mut mem = fill(seed);
         let mut vtd = Vtd::new(cfg).unwrap();
+        if let Some(ttm) = preamble {
+            // Translation on, root table at 0 (random contents) in mode `ttm`, a queue at
+            // 512 KiB, fault events unmasked.
+            let _ = vtd.write32(&mut mem, FECTL, 0);
+            let _ = vtd.write64(&mut mem, IQA, 0x8_0000 | IQA_DW);
+            let _ = vtd.write64(&mut mem, RTADDR, ttm << 10);
+            let _ = vtd.write32(&mut mem, GCMD, GCMD_TE | GCMD_SRTP | GCMD_QIE);
+        }
         let mut events = 0usize;
         for op in ops {
             let before = mem.accesses();
@@ -227,4 +276,51 @@ proptest! {
             let _ = g.ats(0x10, Some(1), iova, 0x10_0000, false);
         }
     }
+}
+
+/// The random memory of the property tests must actually reach page walks (else the bound
+/// checks above would only ever see root/context faults).
+#[test]
+fn random_memory_reaches_page_walks() {
+    use std::collections::BTreeMap;
+    let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
+    for seed in 0..300u64 {
+        let mut mem = fill(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut vtd = Vtd::new(VtdConfig::default()).unwrap();
+        let _ = vtd.write64(&mut mem, RTADDR, (seed & 1) << 10);
+        let _ = vtd.write32(&mut mem, GCMD, GCMD_TE | GCMD_SRTP);
+        for i in 0..64u64 {
+            let sid = ((seed * 131 + i * 7) % 0x300) as u16;
+            let pasid = (i % 3 == 0).then_some((i * 5) as u32 % 64);
+            let addr = (seed ^ (i << 14)) & 0xf_ffff;
+            let k = match vtd.translate_dma(
+                &mut mem,
+                &DmaRequest {
+                    sid,
+                    pasid,
+                    addr,
+                    write: i & 1 == 0,
+                    privileged: false,
+                },
+            ) {
+                Ok(_) => "ok".to_string(),
+                Err(f) => format!("{:?}", f.reason),
+            };
+            *outcomes.entry(k).or_default() += 1;
+        }
+    }
+    assert!(outcomes.get("ok").copied().unwrap_or(0) > 0, "{outcomes:?}");
+    let walk_level = [
+        "PagingEntryReserved",
+        "Read",
+        "Write",
+        "FsEntryNotPresent",
+        "FsEntryReserved",
+        "NonCanonical",
+    ];
+    let reached = walk_level
+        .iter()
+        .filter(|r| outcomes.contains_key(**r))
+        .count();
+    assert!(reached >= 4, "{outcomes:?}");
 }

@@ -69,7 +69,11 @@ fn second_stage_every_level_count_and_page_size() {
                 .unwrap_or_else(|f| panic!("{levels}-level, leaf {leaf_level}: {f:?}"));
             assert_eq!(t.size_log2, size_log2, "{levels}-level, leaf {leaf_level}");
             assert_eq!(t.iova_base, iova & !mask);
-            assert_eq!(t.translate(iova + 0x123), OUT + ((iova + 0x123) & mask));
+            assert_eq!(
+                t.translate(iova + 0x123),
+                Some(OUT + ((iova + 0x123) & mask))
+            );
+            assert_eq!(t.translate((iova & !mask) + (1 << size_log2)), None);
             // The same through ATS (legacy-free: PASID request, DTE set).
             let a = g.ats(SID, Some(PASID), iova, 1, false).unwrap()[0];
             assert_eq!(
@@ -110,7 +114,7 @@ fn first_stage_every_level_count_and_page_size() {
                 (size_log2, iova & !mask),
                 "{iova:#x} leaf {leaf_level}"
             );
-            assert_eq!(t.translate(iova + 0x40), OUT + ((iova + 0x40) & mask));
+            assert_eq!(t.translate(iova + 0x40), Some(OUT + ((iova + 0x40) & mask)));
         }
     }
 }
@@ -504,11 +508,14 @@ fn nested_first_stage_over_second_stage() {
     g.t.map(fs_root, 4, 0x40_0000, 1, 0x5000_0000 | f, f); // GPA without SS mapping
     g.enable();
     let t = dma(&mut g, 0x1234, true).unwrap();
-    assert_eq!((t.translate(0x1234), t.size_log2), (0x2_0000_0234, 12));
+    assert_eq!(
+        (t.translate(0x1234), t.size_log2),
+        (Some(0x2_0000_0234), 12)
+    );
     let t = dma(&mut g, 0x20_1234, false).unwrap();
     assert_eq!(
         (t.translate(0x20_1234), t.size_log2, t.writable),
-        (0x8000_1234, 21, false)
+        (Some(0x8000_1234), 21, false)
     );
     // Write to a page the second stage maps read-only: second-stage write fault.
     assert_eq!(
@@ -653,7 +660,7 @@ fn dma_pasid(g: &mut Guest, pasid: u32) -> FaultReason {
 fn translation_disabled_passes_through() {
     let mut g = Guest::new(VtdConfig::default());
     let t = g.dma(SID, None, 0x1234_5678, true).unwrap();
-    assert_eq!(t.translate(0x1234_5678), 0x1234_5678);
+    assert_eq!(t.translate(0x1234_5678), Some(0x1234_5678));
     assert_eq!(
         g.ats(SID, None, 0, 1, false),
         Err(AtsRejection::UnsupportedRequest)

@@ -48,9 +48,10 @@ pub struct DmaTranslation {
 }
 
 impl DmaTranslation {
-    /// Output address for `addr` (which must lie in the page).
-    pub fn translate(&self, addr: u64) -> u64 {
-        self.translated_base + (addr - self.iova_base)
+    /// Output address for `addr`; `None` when `addr` lies outside the page.
+    pub fn translate(&self, addr: u64) -> Option<u64> {
+        let off = addr.checked_sub(self.iova_base)?;
+        (off >> self.size_log2 == 0).then(|| self.translated_base + off)
     }
 }
 

@@ -6,6 +6,14 @@
 //! second-stage walk: at most 5 + 6 × 5 = 35 entry reads per translated page.
 
 use super::fault::FaultReason;
+
+/// Guest-memory accesses translating one page may need at most: root (2 qword reads),
+/// context (4), PASID directory (1) and PASID entry (8); then the walk. A second-stage walk
+/// touches at most 5 entries, each one read plus one accessed/dirty compare-exchange (a read
+/// and a write): 15. A first-stage level costs one entry read, a compare-exchange and, when
+/// nested, two second-stage walks (fetch, then A/D write-back): 33; five levels plus the
+/// final second-stage walk of the output: 5 × 33 + 15.
+pub const MAX_GUEST_ACCESSES_PER_PAGE: u64 = 15 + 5 * 33 + 15;
 use super::memory::{read_u64, GuestMemoryAccess};
 use super::regs::VtdConfig;
 use super::tables::{Domain, FsTable, SsTable, Stage, ADDR_MASK};
