@@ -373,11 +373,12 @@ impl Vtd {
         match iirg {
             2 => self.caches.flush_iotlb(Some(did), None, None, false),
             3 => {
-                let am = (iva & 0x3f).min(18) as u8;
-                let log2 = 12 + am;
-                let base = iva & !((1u64 << log2) - 1);
-                self.caches
-                    .flush_iotlb(Some(did), None, Some((base, log2)), false);
+                let am = iva & 0x3f;
+                let range = (am <= 18).then(|| {
+                    let log2 = 12 + am as u8;
+                    (iva & !((1u64 << log2) - 1), log2)
+                });
+                self.caches.flush_iotlb(Some(did), None, range, false);
             }
             _ => self.caches.flush_iotlb(None, None, None, false),
         }

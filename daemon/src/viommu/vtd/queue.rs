@@ -50,6 +50,19 @@ enum Step {
     Error(u8),
 }
 
+/// The range of a page-selective (PASID-)IOTLB invalidation: ADDR aligned down to 2^AM
+/// pages. An AM above CAP.MAMV widens to the whole domain / PASID (`None`): over-invalidating
+/// is always allowed, and Linux sends large AMs in PASID-based IOTLB descriptors without
+/// checking MAMV.
+fn psi_range(q1: u64) -> Option<(u64, u8)> {
+    let am = q1 & 0x3f;
+    if am > MAMV {
+        return None;
+    }
+    let log2 = 12 + am as u8;
+    Some((q1 & !((1u64 << log2) - 1), log2))
+}
+
 /// Decode the ATS range encoding (S bit + address with trailing ones): (base, log2 size).
 pub fn ats_range(addr_field: u64, s: bool) -> (u64, u8) {
     let addr = addr_field & !0xfff;
@@ -189,7 +202,7 @@ impl Vtd {
                 Step::Done
             }
             2 => {
-                if rsvd(0xffff_ffff_0000_f100, 0xf80) || g == 0 || (g == 3 && q1 & 0x3f > MAMV) {
+                if rsvd(0xffff_ffff_0000_f100, 0xf80) || g == 0 {
                     return Step::Error(iqei::RESERVED_FIELD);
                 }
                 let did = ((q0 >> 16) & 0xffff) as u16;
@@ -197,10 +210,8 @@ impl Vtd {
                     1 => self.caches.flush_iotlb(None, None, None, false),
                     2 => self.caches.flush_iotlb(Some(did), None, None, false),
                     _ => {
-                        let log2 = 12 + (q1 & 0x3f) as u8;
-                        let base = q1 & !((1u64 << log2) - 1);
-                        self.caches
-                            .flush_iotlb(Some(did), None, Some((base, log2)), false);
+                        let range = psi_range(q1);
+                        self.caches.flush_iotlb(Some(did), None, range, false);
                     }
                 }
                 Step::Done
@@ -237,7 +248,7 @@ impl Vtd {
                 Step::Done
             }
             6 => {
-                if rsvd(0xfff0_0000_0000_f1c0, 0xf80) || g < 2 || (g == 3 && q1 & 0x3f > MAMV) {
+                if rsvd(0xfff0_0000_0000_f1c0, 0xf80) || g < 2 {
                     return Step::Error(iqei::RESERVED_FIELD);
                 }
                 let did = ((q0 >> 16) & 0xffff) as u16;
@@ -245,10 +256,8 @@ impl Vtd {
                 if g == 2 {
                     self.caches.flush_iotlb(Some(did), Some(pasid), None, true);
                 } else {
-                    let log2 = 12 + (q1 & 0x3f) as u8;
-                    let base = q1 & !((1u64 << log2) - 1);
                     self.caches
-                        .flush_iotlb(Some(did), Some(pasid), Some((base, log2)), false);
+                        .flush_iotlb(Some(did), Some(pasid), psi_range(q1), false);
                 }
                 Step::Done
             }

@@ -222,7 +222,9 @@ impl Guest {
         let vtd = Vtd::new(cfg).expect("valid test config");
         let mut t = Tables::new();
         let root = t.page();
+        // Two pages: Linux uses QS=1 (8 KiB) with 256-bit descriptors.
         let queue_base = t.page();
+        t.page();
         let status_page = t.page();
         let wide = vtd.config().scalable_mode;
         Self {
@@ -339,9 +341,10 @@ impl Guest {
         self.w32(IEADDR, COMPLETION_MSI.0);
         self.w32(IECTL, 0);
         // Queued invalidation: tail 0, queue address with DW for 256-bit descriptors, QIE.
-        self.w64(IQT, 0);
-        let dw = if self.wide { IQA_DW } else { 0 };
-        self.w64(IQA, self.queue_base | dw);
+        // Linux `__dmar_enable_qi`: writel(0, IQT); dmar_writeq(IQA, base | DW | QS).
+        self.w32(IQT, 0);
+        let dw_qs = if self.wide { IQA_DW | 1 } else { 0 };
+        self.w64(IQA, self.queue_base | dw_qs);
         self.gcmd |= GCMD_QIE;
         self.gcmd(0);
         assert_ne!(self.vtd.read32(GSTS) & GCMD_QIE, 0);
@@ -364,7 +367,7 @@ impl Guest {
     /// Write descriptors at the tail and move IQT (one register write, like `qi_submit_sync`).
     pub fn submit(&mut self, descs: &[[u64; 4]]) {
         let size = if self.wide { 32 } else { 16 };
-        let entries = 0x1000 / size;
+        let entries = self.queue_entries();
         for d in descs {
             let at = self.queue_base + self.tail * size;
             let n = if self.wide { 4 } else { 2 };
@@ -373,8 +376,15 @@ impl Guest {
             }
             self.tail = (self.tail + 1) % entries;
         }
+        // Linux `qi_submit_sync`: writel(free_head << shift, IQT) — a 32-bit write.
         let v = self.tail * size;
-        self.w64(IQT, v);
+        self.w32(IQT, v as u32);
+    }
+
+    /// Descriptors in the queue: 256 either way (8 KiB of 256-bit descriptors with QS=1, or
+    /// 4 KiB of 128-bit ones with QS=0).
+    pub fn queue_entries(&self) -> u64 {
+        256
     }
 
     /// The status word address used by wait descriptor number `n`.
