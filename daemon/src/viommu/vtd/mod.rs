@@ -33,7 +33,8 @@ pub use queue::{ats_range, MAX_DESCRIPTORS_PER_KICK, MAX_OUTSTANDING_ATC};
 pub use regs::*;
 pub use translate::{
     AtsRejection, AtsRequest, AtsTranslation, DmaFault, DmaRequest, DmaTranslation,
-    INTERRUPT_RANGE_LOG2, INTERRUPT_RANGE_START, MAX_ATS_ENTRIES,
+    INTERRUPT_RANGE_LOG2, INTERRUPT_RANGE_START, MAX_ATS_ENTRIES, MAX_ATS_PAGE_WALKS,
+    MAX_MERGED_STU_LOG2,
 };
 pub use walk::MAX_GUEST_ACCESSES_PER_PAGE;
 

@@ -98,6 +98,7 @@ enum Op {
         no_write: bool,
         exec: bool,
         privileged: bool,
+        stu_log2: u8,
     },
     Translated {
         sid: u16,
@@ -140,8 +141,8 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(offset, wide, value)| Op::Write { offset, wide, value }),
         3 => (0u16..0x300, pasid(), addr(), any::<bool>(), any::<bool>())
             .prop_map(|(sid, pasid, addr, write, privileged)| Op::Dma { sid, pasid, addr, write, privileged }),
-        3 => (0u16..0x300, pasid(), addr(), 0u64..(1 << 24), any::<bool>(), any::<bool>(), any::<bool>())
-            .prop_map(|(sid, pasid, addr, len, no_write, exec, privileged)| Op::Ats { sid, pasid, addr, len, no_write, exec, privileged }),
+        3 => (0u16..0x300, pasid(), addr(), 0u64..(1 << 24), any::<bool>(), any::<bool>(), any::<bool>(), prop_oneof![3 => Just(12u8), 1 => 12u8..=32])
+            .prop_map(|(sid, pasid, addr, len, no_write, exec, privileged, stu_log2)| Op::Ats { sid, pasid, addr, len, no_write, exec, privileged, stu_log2 }),
         1 => (0u16..0x300, pasid(), addr()).prop_map(|(sid, pasid, addr)| Op::Translated { sid, pasid, addr }),
         1 => (0u64..40).prop_map(|tag| Op::Ack { tag }),
         1 => Just(Op::Timeout),
@@ -209,17 +210,17 @@ proptest! {
                     let _ = vtd.translate_dma(&mut mem, &DmaRequest { sid, pasid, addr, write, privileged });
                     MAX_ACCESSES_PER_PAGE
                 }
-                Op::Ats { sid, pasid, addr, len, no_write, exec, privileged } => {
-                    let req = AtsRequest { sid, pasid, addr, len, no_write, exec, privileged, max_entries: 16 };
+                Op::Ats { sid, pasid, addr, len, no_write, exec, privileged, stu_log2 } => {
+                    let req = AtsRequest { sid, pasid, addr, len, no_write, exec, privileged, max_entries: 16, stu_log2 };
                     if let Ok(v) = vtd.translation_request(&mut mem, &req) {
                         prop_assert!(!v.is_empty() && v.len() <= 16);
                         for e in &v {
-                            prop_assert!(e.size_log2 >= 12 && e.size_log2 <= 63);
+                            prop_assert!(e.size_log2 >= stu_log2 && e.size_log2 <= 63);
                             prop_assert_eq!(e.untranslated_base & ((1u64 << e.size_log2) - 1), 0);
                             prop_assert!(!e.global);
                         }
                     }
-                    16 * MAX_ACCESSES_PER_PAGE
+                    MAX_ATS_PAGE_WALKS as u64 * MAX_ACCESSES_PER_PAGE
                 }
                 Op::Translated { sid, pasid, addr } => {
                     let _ = vtd.translated_dma(&mut mem, &DmaRequest { sid, pasid, addr, write: true, privileged: false });

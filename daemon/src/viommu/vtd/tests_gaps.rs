@@ -292,6 +292,7 @@ fn supervisor_translation_requests() {
             exec: false,
             privileged: true,
             max_entries: 1,
+            stu_log2: 12,
         };
         let e = g.vtd.translation_request(&mut g.t.mem, &req).unwrap()[0];
         assert_eq!(
@@ -333,6 +334,7 @@ fn execute_permission() {
             exec: true,
             privileged: false,
             max_entries: 1,
+            stu_log2: 12,
         };
         let e = g.vtd.translation_request(&mut g.t.mem, &req).unwrap()[0];
         assert_eq!((e.r, e.x), (true, expect), "ERE={ere} XD={xd}");

@@ -432,6 +432,7 @@ impl Guest {
             exec: false,
             privileged: false,
             max_entries: 64,
+            stu_log2: 12,
         };
         self.vtd.translation_request(&mut self.t.mem, &req)
     }

@@ -334,6 +334,7 @@ fn ats_reports_rights_and_hole_sizes() {
         exec: true,
         privileged: false,
         max_entries: 16,
+        stu_log2: 12,
     };
     let r = g.vtd.translation_request(&mut g.t.mem, &req).unwrap();
     let rights: Vec<_> = r
@@ -365,6 +366,7 @@ fn ats_reports_rights_and_hole_sizes() {
     let req = AtsRequest {
         len: 1 << 40,
         max_entries: 3,
+        stu_log2: 12,
         ..req
     };
     assert_eq!(
@@ -719,6 +721,7 @@ fn second_stage_execute_with_ssee() {
             exec: true,
             privileged: false,
             max_entries: 1,
+            stu_log2: 12,
         };
         let e = g.vtd.translation_request(&mut g.t.mem, &req).unwrap()[0];
         assert_eq!((e.r, e.x), (true, expect), "SSEE={ssee} leaf={leaf:#x}");
@@ -746,4 +749,81 @@ fn iotlb_stays_bounded() {
         dma(&mut g, page << 12, false).unwrap();
         assert!(g.vtd.caches.iotlb_len() <= super::cache::CACHE_CAPACITY);
     }
+}
+
+#[test]
+fn ats_answers_cover_the_smallest_translation_unit() {
+    let mut g = Guest::new(VtdConfig::default());
+    let root = g.t.page();
+    g.scalable_context(SID, ScalableCtx::default());
+    g.pasid_entry(SID, PASID, PasidEntry::second_stage(DID, root, 2));
+    let rw = pte::R | pte::W;
+    // 0x10000..0x18000: eight contiguous 4 KiB pages; 0x20000..: two swapped pages;
+    // 0x30000: a 16 KiB block with a read-only page; 0x200000: a 2 MiB leaf.
+    for i in 0..8u64 {
+        g.t.map(root, 4, 0x1_0000 + (i << 12), 1, (OUT + (i << 12)) | rw, rw);
+    }
+    g.t.map(root, 4, 0x2_0000, 1, (OUT + 0x1000) | rw, rw);
+    g.t.map(root, 4, 0x2_1000, 1, OUT | rw, rw);
+    for i in 0..4u64 {
+        let leaf = if i == 2 { pte::R } else { rw };
+        g.t.map(
+            root,
+            4,
+            0x3_0000 + (i << 12),
+            1,
+            (OUT + (i << 12)) | leaf,
+            rw,
+        );
+    }
+    g.t.map(root, 4, 0x20_0000, 2, OUT | rw, rw);
+    g.enable();
+    let ask = |g: &mut Guest, addr: u64, len: u64, stu_log2: u8| {
+        let req = AtsRequest {
+            sid: SID,
+            pasid: Some(PASID),
+            addr,
+            len,
+            no_write: false,
+            exec: false,
+            privileged: false,
+            max_entries: 8,
+            stu_log2,
+        };
+        g.vtd.translation_request(&mut g.t.mem, &req).unwrap()
+    };
+    let e = ask(&mut g, 0x1_2000, 1, 14);
+    assert_eq!(e.len(), 1);
+    assert_eq!(
+        (
+            e[0].untranslated_base,
+            e[0].size_log2,
+            e[0].translated,
+            e[0].r,
+            e[0].w
+        ),
+        (0x1_0000, 14, OUT, true, true)
+    );
+    let e = ask(&mut g, 0x2_0000, 1, 13);
+    assert_eq!(
+        (e[0].untranslated_base, e[0].size_log2, e[0].r, e[0].w),
+        (0x2_0000, 13, false, false),
+        "not contiguous"
+    );
+    let e = ask(&mut g, 0x3_0000, 1, 14);
+    assert_eq!(
+        (e[0].size_log2, e[0].r, e[0].w),
+        (14, false, false),
+        "mixed rights"
+    );
+    let e = ask(&mut g, 0x20_0000, 1, 21);
+    assert_eq!((e[0].size_log2, e[0].translated), (21, OUT));
+    // Two STU blocks in one request: consecutive, each 16 KiB.
+    let e = ask(&mut g, 0x1_0000, 0x8000, 14);
+    let got: Vec<_> = e
+        .iter()
+        .map(|e| (e.untranslated_base, e.size_log2, e.translated))
+        .collect();
+    assert_eq!(got, vec![(0x1_0000, 14, OUT), (0x1_4000, 14, OUT + 0x4000)]);
+    assert!(g.vtd.pending_faults().is_empty());
 }

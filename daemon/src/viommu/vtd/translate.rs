@@ -18,6 +18,14 @@ pub const INTERRUPT_RANGE_LOG2: u8 = 20;
 /// Most entries one translation request may return (the caller may ask for fewer).
 pub const MAX_ATS_ENTRIES: usize = 512;
 
+/// Largest STU the model merges smaller pages for (2 MiB: at most 512 pages per block);
+/// above it, an STU block not covered by one leaf is answered as a hole.
+pub const MAX_MERGED_STU_LOG2: u8 = 21;
+
+/// Page translations one translation request may perform at most (STU merging multiplies
+/// them); when spent, the completion ends early (the first entry is always complete).
+pub const MAX_ATS_PAGE_WALKS: usize = 2048;
+
 /// A DMA request from an endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DmaRequest {
@@ -42,8 +50,8 @@ pub struct DmaTranslation {
     pub translated_base: u64,
     /// log2 of the page size.
     pub size_log2: u8,
-    /// The page is writable by this requester (a read may reuse it for later writes only if
-    /// set).
+    /// The page is writable by this requester. A later write must still be translated as a
+    /// write: that is what sets the dirty bit.
     pub writable: bool,
 }
 
@@ -84,6 +92,10 @@ pub struct AtsRequest {
     pub privileged: bool,
     /// Entries the requester can accept (clamped to 1..=[`MAX_ATS_ENTRIES`]).
     pub max_entries: usize,
+    /// log2 of the requester's Smallest Translation Unit (ATS Control STU + 12); every entry
+    /// covers at least this much. Pages smaller than the STU are merged when they are
+    /// contiguous with equal rights, otherwise the STU block is answered as a hole.
+    pub stu_log2: u8,
 }
 
 /// One entry of a translation completion: a naturally aligned power-of-two range.
@@ -462,8 +474,9 @@ impl Vtd {
             exec: req.exec,
             privileged: req.privileged,
         };
-        while addr < end && out.len() < limit {
-            let entry = self.translate_one(mem, req, addr, access);
+        let mut budget = MAX_ATS_PAGE_WALKS;
+        while addr < end && out.len() < limit && (out.is_empty() || budget >= 1 << 9) {
+            let entry = self.translate_block(mem, req, addr, access, &mut budget);
             let stop = entry.is_err();
             let e = entry.unwrap_or_else(|e| e);
             out.push(e);
@@ -474,6 +487,87 @@ impl Vtd {
             }
         }
         Ok(out)
+    }
+
+    /// One completion entry of at least the STU containing `addr`; `Err` carries the final
+    /// entry after a recorded fault. Spends at most 2^(STU-12) ≤ 512 page translations of
+    /// `budget`.
+    fn translate_block<M: GuestMemoryAccess + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        req: &AtsRequest,
+        addr: u64,
+        access: Access,
+        budget: &mut usize,
+    ) -> Result<AtsTranslation, AtsTranslation> {
+        *budget = budget.saturating_sub(1);
+        let stu = req.stu_log2.clamp(12, 63);
+        // A recorded fault ends the completion with a hole, widened to the STU.
+        let widen = |e: AtsTranslation| {
+            AtsTranslation::hole(e.untranslated_base, e.size_log2.max(stu), false)
+        };
+        let first = self.translate_one(mem, req, addr, access).map_err(widen)?;
+        if first.size_log2 >= stu {
+            return Ok(first);
+        }
+        let block_log2 = stu;
+        let block = addr & !((1u64 << block_log2) - 1);
+        let hole = AtsTranslation::hole(block, block_log2, false);
+        if block_log2 > MAX_MERGED_STU_LOG2 {
+            return Ok(hole);
+        }
+        // Merge: every piece of the block must continue the first piece's translation with
+        // the same rights.
+        let head = if block == first.untranslated_base {
+            first
+        } else {
+            self.translate_one(mem, req, block, access).map_err(widen)?
+        };
+        let mut cursor = block;
+        let mut piece = head;
+        loop {
+            let same_rights = (
+                piece.r,
+                piece.w,
+                piece.x,
+                piece.privileged,
+                piece.untranslated_only,
+            ) == (
+                head.r,
+                head.w,
+                head.x,
+                head.privileged,
+                head.untranslated_only,
+            );
+            let any = head.r || head.w || head.x;
+            let expected = head.translated + (cursor - block);
+            let contiguous =
+                !any || piece.translated + (cursor - piece.untranslated_base) == expected;
+            if !same_rights || !contiguous {
+                return Ok(hole);
+            }
+            cursor = piece
+                .untranslated_base
+                .saturating_add(1u64 << piece.size_log2);
+            if cursor >= block + (1u64 << block_log2) {
+                break;
+            }
+            if *budget == 0 {
+                return Ok(hole);
+            }
+            *budget -= 1;
+            piece = self
+                .translate_one(mem, req, cursor, access)
+                .map_err(widen)?;
+        }
+        if head.translated & ((1u64 << block_log2) - 1) != 0 {
+            return Ok(hole);
+        }
+        Ok(AtsTranslation {
+            untranslated_base: block,
+            size_log2: block_log2,
+            ..head
+        })
     }
 
     /// One completion entry; `Err` carries the final entry after a recorded fault.
