@@ -110,6 +110,19 @@ impl Vtd {
         Ok(v)
     }
 
+    /// Return to the reset state (device reset): registers, latched root pointer, caches,
+    /// queue progress and fault index. Outstanding ATC invalidations are forgotten; a late
+    /// acknowledgement of one is an unexpected completion (FSTS.ICE).
+    pub fn reset(&mut self) {
+        self.regs.fill(0);
+        self.root = None;
+        self.caches = Caches::default();
+        self.queue = QueueState::default();
+        self.next_fault = 0;
+        self.events.clear();
+        self.reset_registers();
+    }
+
     fn reset_registers(&mut self) {
         let haw = self.cfg.haw_mask() & !0xfff;
         self.init(VER, 4, 0x10, 0, 0); // version 1.0

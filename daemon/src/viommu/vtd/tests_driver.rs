@@ -503,3 +503,23 @@ fn page_selective_invalidations_cover_their_range_and_large_masks_widen() {
     assert_eq!(g.status(60), 60);
     assert!(g.dma(SID, Some(PASID), IOVA, false).is_err());
 }
+
+#[test]
+fn reset_returns_to_the_power_on_state() {
+    let (mut g, _) = scalable_guest();
+    let _ = g.dma(0x0700, None, 0, false);
+    assert!(!g.vtd.pending_faults().is_empty());
+    g.vtd.reset();
+    let fresh = Vtd::new(VtdConfig::default()).unwrap();
+    for off in (0..fresh.window_size()).step_by(8) {
+        assert_eq!(g.vtd.read64(off), fresh.read64(off), "register at {off:#x}");
+    }
+    // Translation is off again: DMA passes through, nothing is recorded.
+    assert_eq!(
+        g.dma(SID, Some(PASID), IOVA, false)
+            .unwrap()
+            .translated_base,
+        IOVA
+    );
+    assert!(g.vtd.pending_faults().is_empty());
+}

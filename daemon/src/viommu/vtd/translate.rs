@@ -24,7 +24,7 @@ pub const MAX_MERGED_STU_LOG2: u8 = 21;
 
 /// Page translations one translation request may perform at most (STU merging multiplies
 /// them); when spent, the completion ends early (the first entry is always complete).
-pub const MAX_ATS_PAGE_WALKS: usize = 2048;
+pub const MAX_ATS_PAGE_WALKS: usize = 1024;
 
 /// A DMA request from an endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
