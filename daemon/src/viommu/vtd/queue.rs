@@ -140,7 +140,12 @@ impl Vtd {
                 Ok(t) => t,
                 Err(code) => return self.queue_error(code),
             };
-            let head = self.queue.head;
+            let mut head = self.queue.head;
+            if head >= self.queue_entries() {
+                // IQA shrank under an enabled queue (undefined by the spec): restart at 0.
+                head = 0;
+                self.set_head(0);
+            }
             if head == tail {
                 return;
             }

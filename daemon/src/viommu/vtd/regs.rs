@@ -83,7 +83,8 @@ pub const ICS_IWC: u32 = 1;
 /// IQA: 256-bit descriptor width.
 pub const IQA_DW: u64 = 1 << 11;
 
-/// IQER error codes (IQEI[3:0]) [spec-recall, verify numbering against spec 4.1 §11.4.9.6].
+/// IQER error codes (IQEI, bits 3:0). Numbering is from memory of the spec (4.1 §11.4.9.6);
+/// verify before relying on exact values.
 pub mod iqei {
     /// Tail pointer not aligned to a 256-bit descriptor.
     pub const TAIL_MISALIGNED: u8 = 1;

@@ -1,11 +1,13 @@
 //! First-stage (IA-32e, 4/5-level), second-stage (3/4/5-level) and nested page walks, and the
 //! permission rules that turn a walked leaf into access rights (VT-d spec 4.1 §3.6–3.8).
 //!
-//! Bounded by construction: a second-stage walk reads at most 5 entries; a first-stage walk at
-//! most 5 entries, each (when nested) preceded by one second-stage walk, plus one final
-//! second-stage walk: at most 5 + 6 × 5 = 35 entry reads per translated page.
+//! Bounded by construction: every walk descends a fixed number of levels (no loops over
+//! guest-controlled counts); [`MAX_GUEST_ACCESSES_PER_PAGE`] states the bound.
 
 use super::fault::FaultReason;
+use super::memory::{read_u64, GuestMemoryAccess};
+use super::regs::VtdConfig;
+use super::tables::{Domain, FsTable, SsTable, Stage, ADDR_MASK};
 
 /// Guest-memory accesses translating one page may need at most: root (2 qword reads),
 /// context (4), PASID directory (1) and PASID entry (8); then the walk. A second-stage walk
@@ -14,9 +16,6 @@ use super::fault::FaultReason;
 /// nested, two second-stage walks (fetch, then A/D write-back): 33; five levels plus the
 /// final second-stage walk of the output: 5 × 33 + 15.
 pub const MAX_GUEST_ACCESSES_PER_PAGE: u64 = 15 + 5 * 33 + 15;
-use super::memory::{read_u64, GuestMemoryAccess};
-use super::regs::VtdConfig;
-use super::tables::{Domain, FsTable, SsTable, Stage, ADDR_MASK};
 
 /// Which stage a non-present entry was found in (selects the fault code).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
