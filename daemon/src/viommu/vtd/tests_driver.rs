@@ -523,3 +523,65 @@ fn reset_returns_to_the_power_on_state() {
     );
     assert!(g.vtd.pending_faults().is_empty());
 }
+
+#[test]
+fn fault_event_masking_and_pending() {
+    let (mut g, _) = scalable_guest();
+    g.w32(FECTL, EVT_IM);
+    let _ = g.dma(0x0600, None, 0, false);
+    assert!(interrupts(&g.vtd.take_events()).is_empty(), "masked");
+    assert_ne!(g.vtd.read32(FECTL) & EVT_IP, 0, "pending");
+    // Unmasking delivers the pending event once.
+    g.w32(FECTL, 0);
+    assert_eq!(interrupts(&g.vtd.take_events()).len(), 1);
+    assert_eq!(g.vtd.read32(FECTL) & EVT_IP, 0);
+    // Masked again: servicing every fault condition clears IP without an interrupt.
+    let hi = g.vtd.read64(FRCD + 8);
+    g.w64(FRCD + 8, hi);
+    g.w32(FECTL, EVT_IM);
+    let _ = g.dma(0x0601, None, 0, false);
+    assert_ne!(g.vtd.read32(FECTL) & EVT_IP, 0);
+    let hi = g.vtd.read64(FRCD + 16 + 8);
+    g.w64(FRCD + 16 + 8, hi);
+    g.w32(FSTS, FSTS_PFO);
+    assert_eq!(g.vtd.read32(FECTL) & EVT_IP, 0);
+    g.w32(FECTL, 0);
+    assert!(interrupts(&g.vtd.take_events()).is_empty());
+}
+
+#[test]
+fn register_based_context_invalidation() {
+    let (mut g, _) = scalable_guest();
+    assert!(g.dma(SID, Some(PASID), IOVA, false).is_ok());
+    // Remove the context entry; the cached context (and its translations) stay until a
+    // device-selective CCMD invalidation for the requester with a function mask.
+    let ctx = g.t.get(g.root + 8 * 2) & !0xfff; // bus 1, lower half
+    g.t.put(ctx + u64::from(SID & 0x7f) * 32, 0);
+    assert!(g.dma(SID, Some(PASID), IOVA, false).is_ok());
+    let other = u64::from(SID ^ 0x08); // another device: no effect
+    g.w64(CCMD, (1 << 63) | (3 << 61) | (other << 16));
+    assert!(g.dma(SID, Some(PASID), IOVA, false).is_ok());
+    // FM=3 ignores the function bits: SID|7 covers SID.
+    g.w64(
+        CCMD,
+        (1 << 63) | (3 << 61) | (3 << 32) | (u64::from(SID | 7) << 16),
+    );
+    let v = g.vtd.read64(CCMD);
+    assert_eq!(
+        (v >> 63, (v >> 59) & 3),
+        (0, 3),
+        "ICC cleared, CAIG = device"
+    );
+    assert_eq!(
+        g.dma(SID, Some(PASID), IOVA, false).unwrap_err().reason,
+        FaultReason::ContextNotPresent
+    );
+}
+
+/// The daemon keeps the model inside a device task: it must be movable across threads.
+#[test]
+fn model_is_send() {
+    fn send<T: Send + 'static>() {}
+    send::<Vtd>();
+    send::<VtdEvent>();
+}
