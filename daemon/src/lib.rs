@@ -10,3 +10,4 @@ pub mod ops;
 pub mod pci;
 pub mod probe;
 pub mod server;
+pub mod viommu;

@@ -17,6 +17,9 @@ use vfu_protocol::request::SetIrqsRequest;
 use crate::dma::{DmaRegion, GuestMemory};
 use crate::pci::virtual_config::{PolicyRequest, VirtualConfigError};
 use crate::pci::{HostIommuCaps, IommuSource, ResolvedCapabilities};
+use crate::viommu::ats::{
+    AtcCounters, AtcInvalidation, AtcInvalidationCompletion, InvalidationFuture,
+};
 
 /// Static facts about a device, answered to DEVICE_GET_INFO.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,6 +127,21 @@ pub trait Device: Send + Sync + 'static {
     /// A DMA map was removed and every in-flight access to it has drained.
     fn dma_unmapped(&self, region: &DmaRegion) {
         let _ = region;
+    }
+
+    /// Invalidate device ATC: removes every cached translation the invalidation hits and
+    /// resolves (the Invalidate Completion) only once no DMA that used them is in flight. The
+    /// server raises one for every DMA_UNMAP (shadow mode) before it replies; a vIOMMU model
+    /// raises one for a device-TLB invalidation. A device without an ATC completes at once.
+    fn invalidate_atc(&self, invalidation: &AtcInvalidation) -> InvalidationFuture {
+        let _ = invalidation;
+        Box::pin(std::future::ready(AtcInvalidationCompletion::default()))
+    }
+
+    /// The device's ATC counters (translation requests, hits, misses, invalidations, entries),
+    /// or `None` if the device has no ATC or the guest does not see its ATS capability.
+    fn ats_counters(&self) -> Option<AtcCounters> {
+        None
     }
 }
 

@@ -31,6 +31,7 @@ use zerocopy::IntoBytes;
 
 use crate::device::{check_region_access, Device};
 use crate::dma::{DmaBacking, DmaProt, DmaRegion, GuestMemory, MessageDmaRequest};
+use crate::viommu::ats::{AtcInvalidation, InvalidationRange, RequesterId};
 
 /// Commands queued between the reader and the dispatcher; the reader stops reading when full,
 /// which bounds what one client can make us buffer to this many maximum-size messages.
@@ -481,6 +482,7 @@ impl Dispatcher {
                     e.errno()
                 })?;
                 if let Some(old) = replaced {
+                    self.invalidate_atc(std::slice::from_ref(&old), false).await;
                     old.drained().await;
                     self.device.dma_unmapped(&old);
                 }
@@ -507,6 +509,10 @@ impl Dispatcher {
                         })?]
                 };
                 // The spec requires every reference, in-flight DMA included, gone before the reply.
+                // The removed maps are the device-TLB invalidation of shadow mode: the device's
+                // ATC drops its translations of them and completes once DMA using them ended.
+                let all = unmap.flags & wire::DMA_UNMAP_FLAG_ALL != 0;
+                self.invalidate_atc(&removed, all).await;
                 for r in removed {
                     r.drained().await;
                     self.device.dma_unmapped(&r);
@@ -658,6 +664,33 @@ impl Dispatcher {
                 Err(Errno::ENOTSUP)
             }
             Request::MigDataRead { .. } | Request::MigDataWrite { .. } => Err(Errno::ENOTSUP),
+        }
+    }
+
+    /// Invalidates the device's ATC for maps that left the table (everything for UNMAP_ALL)
+    /// and waits for the device's completion.
+    async fn invalidate_atc(&self, removed: &[Arc<DmaRegion>], all: bool) {
+        let requester = RequesterId::default();
+        let invalidations: Vec<_> = if all {
+            vec![AtcInvalidation::all(requester)]
+        } else {
+            removed
+                .iter()
+                .map(|r| AtcInvalidation::range(requester, InvalidationRange::new(r.iova, r.size)))
+                .collect()
+        };
+        for invalidation in invalidations {
+            let done = self.device.invalidate_atc(&invalidation).await;
+            if done.entries_removed > 0 || done.waited_for_dma {
+                tracing::debug!(
+                    device = %self.name,
+                    first = format_args!("{:#x}", invalidation.range.first),
+                    last = format_args!("{:#x}", invalidation.range.last),
+                    entries = done.entries_removed,
+                    waited_for_dma = done.waited_for_dma,
+                    "ATC invalidated"
+                );
+            }
         }
     }
 

@@ -1,0 +1,1 @@
+//! vIOMMU model auto resolution (see below).
