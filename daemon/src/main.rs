@@ -1,4 +1,4 @@
-//! The `vfud` command line: run, check-config, probe.
+//! The `vfud` command line: run, check-config, resolve, probe.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -34,6 +34,13 @@ enum Command {
         /// Files or directories to check.
         #[arg(required = true, value_name = "FILE_OR_DIR")]
         paths: Vec<PathBuf>,
+    },
+    /// Resolve the vIOMMU model of the devices' `viommu` blocks (frozen at the first device in
+    /// file order), check every later device against it, and print the QEMU argument.
+    Resolve {
+        /// Device configuration files or directories, in VM order.
+        #[arg(long, required = true, value_name = "FILE_OR_DIR")]
+        config: Vec<PathBuf>,
     },
     /// Connect to a vfio-user socket and print what a VMM would see.
     Probe {
@@ -223,6 +230,21 @@ fn main() -> ExitCode {
             }
         },
         Command::CheckConfig { paths } => check_config(&paths),
+        Command::Resolve { config } => match vfu_config::load_paths(&config) {
+            Ok(configs) => {
+                let report = vfud::viommu::resolve::ResolveReport::for_configs(&configs);
+                print!("{report}");
+                if report.is_ok() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            Err(errors) => {
+                eprintln!("{errors}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Probe { socket, json } => match vfud::probe::probe(&socket) {
             Ok(report) => {
                 if json {

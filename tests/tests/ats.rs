@@ -240,3 +240,78 @@ fn unmap_all_empties_the_atc() {
     assert_eq!(fresh.read(0, 16), vec![1; 16]);
     assert_eq!(b.read(0, 16), vec![0; 16]);
 }
+
+/// `vfud resolve`: the first device in file order freezes the model; a later device whose host
+/// cannot honour it is refused with the reason; the QEMU argument matches the frozen values.
+#[test]
+fn vfud_resolve_freezes_at_the_first_device_and_refuses_an_incompatible_one() {
+    let dir = std::env::temp_dir().join(format!("vfud-resolve-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // Grace-like host: 2-level stream table, AArch64, little-endian, ATS, 32 SID bits,
+    // 20 SSID bits, RIL, 48-bit OAS, 4K+64K granules.
+    const GRACE: &str = r#"["0x08400409", "0x520", "0x0", "0x400", "0x0", "0x55"]"#;
+    const NO_RIL: &str = r#"["0x08400409", "0x520", "0x0", "0x0", "0x0", "0x55"]"#;
+    let write = |name: &str, idr: &str, extra: &str| {
+        let path = dir.join(format!("{name}.json"));
+        std::fs::write(
+            &path,
+            format!(
+                r#"{{"version":1,"name":"{name}","socket":"{}/{name}.sock","device":{{"type":"emulated","model":"ats-dma"{extra},"viommu":{{"model":"smmuv3","host":{{"idr":{idr}}}}}}}}}"#,
+                dir.display()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let gpu0 = write("gpu0", GRACE, "");
+    let gpu1 = write("gpu1", GRACE, r#","iommu":{"ats_supported":false}"#);
+    let gpu2 = write("gpu2", NO_RIL, "");
+    let run = |files: &[&std::path::Path]| {
+        let mut cmd = std::process::Command::new(vfud_tests::vfud_bin());
+        cmd.arg("resolve");
+        for f in files {
+            cmd.arg("--config").arg(f);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, out) = run(&[&gpu0, &gpu1]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(
+            "viommu: model=smmuv3 ats=true ril=true ssidsize=20 oas=48 (frozen at device gpu0)"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("qemu: -device arm-smmuv3,accel=on,ats=on,ril=on,ssidsize=20,oas=48"),
+        "{out}"
+    );
+    assert!(
+        out.contains("gpu0: ok, ats=on nesting-parent hwpt flags=NEST_PARENT\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("gpu1: ok, ats=off"),
+        "ATS is per device: {out}"
+    );
+
+    let (ok, out) = run(&[&gpu0, &gpu2]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("gpu2: refused: device gpu2: its host IOMMU cannot honour the vIOMMU frozen at device gpu0: ril=true was frozen but this host has no range invalidation (IDR3.RIL=0)"),
+        "{out}"
+    );
+    // In the other order the RIL-less host freezes ril=false and both are served.
+    let (ok, out) = run(&[&gpu2, &gpu0]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("ril=false") && out.contains("ril=off"),
+        "{out}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

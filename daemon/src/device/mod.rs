@@ -20,6 +20,7 @@ use crate::pci::{HostIommuCaps, IommuSource, ResolvedCapabilities};
 use crate::viommu::ats::{
     AtcCounters, AtcInvalidation, AtcInvalidationCompletion, InvalidationFuture,
 };
+use crate::viommu::resolve::{resolve, HostIommuInfo, ResolveError, ResolvedViommu};
 
 /// Static facts about a device, answered to DEVICE_GET_INFO.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -194,18 +195,42 @@ pub enum CreateDeviceError {
     /// the value and the fix.
     #[error(transparent)]
     ApplyPolicy(#[from] VirtualConfigError),
+    /// The device's `viommu` block cannot be resolved against its host IOMMU.
+    #[error(transparent)]
+    ResolveViommu(#[from] ResolveError),
 }
 
-/// The capability-policy request a configuration describes.
-pub fn policy_request(config: &vfu_config::DeviceConfig) -> PolicyRequest<'_> {
+/// The vIOMMU model an emulated device's configuration resolves to on its own (`None` without
+/// a `viommu` block). `vfud resolve` freezes one model across the devices of a VM with
+/// [`crate::viommu::resolve::Resolver`].
+pub fn viommu_model(
+    config: &vfu_config::DeviceConfig,
+) -> Result<Option<(ResolvedViommu, HostIommuInfo)>, ResolveError> {
+    match &config.device {
+        vfu_config::DeviceSpec::Emulated(e) => {
+            let Some(spec) = &e.viommu else {
+                return Ok(None);
+            };
+            let host =
+                HostIommuInfo::from_config(&HostIommuCaps::from_spec(&e.iommu_or_default()), spec);
+            Ok(Some((resolve(&config.name, spec, &host)?, host)))
+        }
+    }
+}
+
+/// The capability-policy request a configuration describes; `viommu` is the model the device
+/// sits behind, whose flags decide whether PASID may be exposed.
+pub fn policy_request<'a>(
+    config: &'a vfu_config::DeviceConfig,
+    viommu: Option<&ResolvedViommu>,
+) -> PolicyRequest<'a> {
     match &config.device {
         vfu_config::DeviceSpec::Emulated(e) => PolicyRequest {
             device_name: &config.name,
             policies: e.capability_policies(),
             host: HostIommuCaps::from_spec(&e.iommu_or_default()),
             iommu_source: IommuSource::ConfigBlock,
-            // No vIOMMU model exists yet.
-            viommu_pasid: None,
+            viommu_pasid: viommu.map(|m| m.flags().pasid_supported),
             pasid_cap_hidden: e.pasid_cap_hidden,
             pasid_cap_offset: e.pasid_cap_offset.map(vfu_config::PasidCapOffset::get),
         },
@@ -218,7 +243,8 @@ pub fn policy_request(config: &vfu_config::DeviceConfig) -> PolicyRequest<'_> {
 pub fn resolve_capabilities(
     config: &vfu_config::DeviceConfig,
 ) -> Result<ResolvedCapabilities, CreateDeviceError> {
-    let request = policy_request(config);
+    let viommu = viommu_model(config)?.map(|(m, _)| m);
+    let request = policy_request(config, viommu.as_ref());
     match &config.device {
         vfu_config::DeviceSpec::Emulated(e) => match e.model {
             vfu_config::EmulatedModel::AtsDma => {
@@ -230,7 +256,8 @@ pub fn resolve_capabilities(
 
 /// Creates the device a configuration describes, with its capability policy applied.
 pub fn create(config: &vfu_config::DeviceConfig) -> Result<Arc<dyn Device>, CreateDeviceError> {
-    let request = policy_request(config);
+    let viommu = viommu_model(config)?.map(|(m, _)| m);
+    let request = policy_request(config, viommu.as_ref());
     match &config.device {
         vfu_config::DeviceSpec::Emulated(e) => match e.model {
             vfu_config::EmulatedModel::AtsDma => match emulated::AtsDma::new(&request) {
