@@ -474,6 +474,17 @@ impl AtsDma {
         })
     }
 
+    /// Replaces the translation source the engine asks on an ATC miss (by default the
+    /// connection's shadow source, installed on attach) and empties the ATC: an embedded
+    /// vIOMMU model installs itself here after attach. The source's translated addresses must
+    /// be in the space it names ([`TranslationSource::translated_space`]).
+    pub fn set_translation_source(&self, source: Arc<dyn TranslationSource>) {
+        let mut st = lock(&self.state);
+        st.source = Some(source);
+        st.atc.clear();
+        st.atc_epoch = st.atc_epoch.wrapping_add(1);
+    }
+
     /// The ATS, PASID and PRI controls as the guest last set them; `None` for a capability
     /// the guest does not see. The ATS path takes Enable and STU from here.
     pub fn capability_controls(&self) -> CapabilityControls {
@@ -1554,5 +1565,174 @@ mod policy_tests {
             "device demo0: ats=on but the IOMMU reports ATS not supported (iommu.ats_supported=false); use ats=auto or ats=off"
         );
         assert!(plan(&request).is_err(), "plan agrees with new");
+    }
+}
+
+#[cfg(test)]
+mod ats_tests {
+    use super::*;
+    use crate::dma::{DmaBacking, DmaProt, DmaRegion, MessageDmaRequest};
+    use crate::viommu::ats::{AtsRange, TranslatedSpace, TranslationFuture, TranslationRequest};
+    use std::task::{Context, Poll, Waker};
+
+    const RW: DmaProt = DmaProt {
+        read: true,
+        write: true,
+    };
+
+    /// Translates 4 KiB pages to the map table's own addresses, PASID p shifted by p * 64 KiB,
+    /// so that where a command lands shows which PASID it was translated for.
+    #[derive(Debug)]
+    struct PasidShift;
+
+    impl TranslationSource for PasidShift {
+        fn translate(&self, r: &TranslationRequest) -> TranslationFuture<'_> {
+            let base = r.address & !0xfff;
+            let shift = r.pasid.map_or(0, |p| u64::from(p.get()) << 16);
+            let range = AtsRange::new(base, 12).unwrap();
+            Box::pin(std::future::ready(Ok(vec![TranslationCompletion {
+                translated: base + shift,
+                read: true,
+                write: !r.no_write,
+                ..TranslationCompletion::hole(range)
+            }])))
+        }
+
+        fn translated_space(&self) -> TranslatedSpace {
+            TranslatedSpace::MapTable
+        }
+    }
+
+    fn bar0(d: &AtsDma, offset: u64) -> u32 {
+        let mut b = [0u8; 4];
+        d.region_read(0, offset, &mut b).unwrap();
+        u32::from_le_bytes(b)
+    }
+
+    fn w(d: &AtsDma, offset: u64, v: u32) {
+        d.region_write(0, offset, &v.to_le_bytes()).unwrap();
+    }
+
+    async fn idle(d: &AtsDma) -> (u32, u32) {
+        for _ in 0..10_000 {
+            if bar0(d, STATUS) != STATUS_BUSY {
+                return (bar0(d, STATUS), bar0(d, ERROR));
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("the command did not finish");
+    }
+
+    fn enable_ats_and_pasid(d: &AtsDma) {
+        d.region_write(region::CONFIG, 0x106, &[0x00, 0x80])
+            .unwrap();
+        d.region_write(region::CONFIG, 0x10e, &[0x01, 0x00])
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_atc_caches_per_pasid_and_invalidates_by_pasid() {
+        let d = AtsDma::new(&PolicyRequest::new("t")).unwrap();
+        let ram = memfd_create(c"t", MemFdCreateFlag::MFD_CLOEXEC).unwrap();
+        nix::unistd::ftruncate(&ram, 0x4_0000).unwrap();
+        let memory = Arc::new(GuestMemory::new(8));
+        memory.with_table(|t| {
+            let region = t.map_fd(0, 0x4_0000, RW, &ram, 0).unwrap();
+            t.insert(region).unwrap();
+        });
+        d.attach(memory);
+        d.set_translation_source(Arc::new(PasidShift));
+        enable_ats_and_pasid(&d);
+        for pasid in [1u32, 2] {
+            w(&d, PASID, PASID_VALID | pasid);
+            w(&d, DST_LO, 0x1000);
+            w(&d, LEN, 16);
+            w(&d, PATTERN, 0x1111_1111 * pasid);
+            w(&d, CMD, OP_FILL);
+            assert_eq!(idle(&d).await, (STATUS_DONE, ERR_NONE));
+            let mut got = [0u8; 16];
+            nix::sys::uio::pread(&ram, &mut got, 0x1000 + (i64::from(pasid) << 16)).unwrap();
+            assert_eq!(got, [0x11 * pasid as u8; 16], "PASID {pasid}'s translation");
+        }
+        assert_eq!(bar0(&d, ATC_ENTRIES), 2, "one entry per PASID");
+        assert_eq!((bar0(&d, ATC_MISSES), bar0(&d, ATC_HITS)), (2, 0));
+        // PASID 1 again: a hit, and still PASID 1's page.
+        w(&d, PASID, PASID_VALID | 1);
+        w(&d, CMD, OP_FILL);
+        assert_eq!(idle(&d).await, (STATUS_DONE, ERR_NONE));
+        assert_eq!(bar0(&d, ATC_HITS), 1);
+        // An invalidation for PASID 2 leaves PASID 1's entry.
+        let two = AtcInvalidation {
+            pasid: Pasid::new(2).ok(),
+            global: false,
+            ..AtcInvalidation::all(RequesterId(0))
+        };
+        let done = d.invalidate_atc(&two).await;
+        assert_eq!(done.entries_removed, 1);
+        assert!(!done.waited_for_dma, "nothing was running");
+        assert_eq!(bar0(&d, ATC_ENTRIES), 1);
+        assert_eq!(d.ats_counters().unwrap().invalidations, 1);
+        // PASID Enable off: the PASID register is ignored, requests go without PASID.
+        d.region_write(region::CONFIG, 0x10e, &[0x00, 0x00])
+            .unwrap();
+        w(&d, PATTERN, 0x7777_7777);
+        w(&d, CMD, OP_FILL);
+        assert_eq!(idle(&d).await, (STATUS_DONE, ERR_NONE));
+        let mut got = [0u8; 16];
+        nix::sys::uio::pread(&ram, &mut got, 0x1000).unwrap();
+        assert_eq!(got, [0x77; 16]);
+        // ATS off: the ATC is emptied and DMA is untranslated again.
+        d.region_write(region::CONFIG, 0x106, &[0x00, 0x00])
+            .unwrap();
+        w(&d, CMD, OP_FILL);
+        assert_eq!(idle(&d).await, (STATUS_DONE, ERR_NONE));
+        assert_eq!(bar0(&d, ATC_ENTRIES), 0);
+    }
+
+    #[tokio::test]
+    async fn an_invalidation_completes_only_after_the_command_using_it_ended() {
+        let d = AtsDma::new(&PolicyRequest::new("t")).unwrap();
+        let memory = Arc::new(GuestMemory::new(8));
+        memory
+            .with_table(|t| t.insert(DmaRegion::new(0x10_0000, 0x1000, RW, DmaBacking::Message)))
+            .unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        memory.set_message_port(Some((tx, 4096)));
+        d.attach(Arc::clone(&memory));
+        d.set_translation_source(Arc::new(PasidShift));
+        enable_ats_and_pasid(&d);
+        w(&d, SRC_LO, 0x10_0000);
+        w(&d, LEN, 16);
+        w(&d, CMD, OP_CHECKSUM);
+        // The command waits for the client's DMA_READ answer.
+        let Some(MessageDmaRequest::Read { reply, .. }) = rx.recv().await else {
+            panic!("expected a DMA_READ");
+        };
+        let mut invalidation = d.invalidate_atc(&AtcInvalidation::all(RequesterId(0)));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(
+            invalidation.as_mut().poll(&mut cx).is_pending(),
+            "the command still uses its translation"
+        );
+        assert_eq!(bar0(&d, COMPLETED), 0);
+        reply.send(Ok(vec![7; 16])).unwrap();
+        let done = invalidation.await;
+        assert!(done.waited_for_dma);
+        assert_eq!(
+            bar0(&d, COMPLETED),
+            1,
+            "the command ended before the completion"
+        );
+        assert_eq!((bar0(&d, STATUS), bar0(&d, ERROR)), (STATUS_DONE, ERR_NONE));
+        assert_eq!(bar0(&d, RESULT), crc32fast::hash(&[7; 16]));
+        // An invalidation that misses the command's ranges does not wait for it.
+        w(&d, CMD, OP_CHECKSUM);
+        let _pending = rx.recv().await.unwrap();
+        let elsewhere = AtcInvalidation::range(
+            RequesterId(0),
+            crate::viommu::ats::InvalidationRange::new(0x20_0000, 0x1000),
+        );
+        let mut other = d.invalidate_atc(&elsewhere);
+        assert!(matches!(other.as_mut().poll(&mut cx), Poll::Ready(c) if !c.waited_for_dma));
     }
 }
