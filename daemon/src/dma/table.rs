@@ -471,9 +471,6 @@ impl DmaMapTable {
         let align = 1u64 << SHADOW_ALIGN_LOG2;
         let offset = iova & (align - 1);
         let mut candidate = (from.checked_add(align - 1)? & !(align - 1)).checked_add(offset)?;
-        if candidate < from {
-            candidate = candidate.checked_add(align)?;
-        }
         // Each step passes one region, so this ends after at most `max_maps` steps.
         loop {
             let last = last_of(candidate, size)?;

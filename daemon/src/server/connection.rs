@@ -490,6 +490,7 @@ impl Dispatcher {
                 if let Err(e) = self.device.dma_mapped(&added) {
                     tracing::warn!(device = %self.name, iova = format_args!("{iova:#x}"), size, error = %e, "device refused a DMA map");
                     if let Ok(r) = memory.with_table(|t| t.remove(iova, size)) {
+                        self.invalidate_atc(std::slice::from_ref(&r), false).await;
                         r.drained().await;
                     }
                     return Err(e.errno());
