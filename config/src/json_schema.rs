@@ -12,6 +12,37 @@ use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
 
 use crate::policy::{CompatLevel, PasidCapOffset, EXT_CAP_MIN_OFFSET, PASID_CAP_MAX_OFFSET};
 use crate::schema::{DeviceConfig, CONFIG_VERSION, MAX_NAME_LEN};
+use crate::viommu::{Auto, RawRegister};
+
+impl<T: JsonSchema> JsonSchema for Auto<T> {
+    fn schema_name() -> Cow<'static, str> {
+        format!("Auto_{}", T::schema_name()).into()
+    }
+
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        let value = generator.subschema_for::<T>();
+        json_schema!({
+            "description": "\"auto\" (resolved from the host IOMMU at the first device) or a value the host must be able to honour.",
+            "oneOf": [{"const": "auto"}, value]
+        })
+    }
+}
+
+impl JsonSchema for RawRegister {
+    fn schema_name() -> Cow<'static, str> {
+        "RawRegister".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "A register value: an integer, or a string in hexadecimal (\"0x19ed008c40780c66\") or decimal; strings keep 64-bit values exact.",
+            "oneOf": [
+                {"type": "integer", "minimum": 0},
+                {"type": "string", "pattern": "^(0[xX][0-9a-fA-F_]+|[0-9]+)$"}
+            ]
+        })
+    }
+}
 
 impl JsonSchema for CompatLevel {
     fn schema_name() -> Cow<'static, str> {

@@ -11,7 +11,8 @@
 //! `"pri"` (`"on"`, `"off"` or `"auto"`, see [`CapabilityPolicy`]), a
 //! `"compat"` level that pins older defaults ([`CompatLevel`]), and for an
 //! emulated device an `"iommu"` block describing the IOMMU it sits behind
-//! ([`IommuSpec`]). All are optional, so every version-1 file stays valid.
+//! ([`IommuSpec`]), and a `"viommu"` block naming the vIOMMU model in front of it
+//! ([`ViommuSpec`]). All are optional, so every version-1 file stays valid.
 //!
 //! The schema is strict (unknown fields are errors, so typos are caught
 //! instead of silently ignored) and versioned. Errors name the file, the
@@ -25,6 +26,7 @@ mod load;
 mod parse;
 mod policy;
 mod schema;
+mod viommu;
 
 pub use error::{ConfigError, ConfigErrors, Origin};
 pub use json_schema::device_config_schema;
@@ -37,6 +39,10 @@ pub use policy::{
 pub use schema::{
     embedded_default, DeviceConfig, DeviceSpec, EmulatedDevice, EmulatedModel, CONFIG_VERSION,
     MAX_NAME_LEN,
+};
+pub use viommu::{
+    Auto, RawRegister, Smmuv3HostRegisters, ViommuSpec, VtdHostRegisters, MAX_VIOMMU_PASID_BITS,
+    SMMUV3_OAS_BITS,
 };
 
 #[cfg(test)]

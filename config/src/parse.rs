@@ -360,6 +360,9 @@ fn check_device(device: &DeviceSpec) -> Vec<(&'static str, String)> {
                     ));
                 }
             }
+            if let Some(viommu) = &emulated.viommu {
+                problems.extend(viommu.problems());
+            }
         }
     }
     problems

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::policy::{CapabilityPolicies, CapabilityPolicy, CompatLevel, IommuSpec, PasidCapOffset};
+use crate::viommu::ViommuSpec;
 
 /// The only configuration schema version this crate understands.
 ///
@@ -97,6 +98,9 @@ pub struct EmulatedDevice {
     /// host devices. Exists to exercise and demonstrate that path on any machine.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pasid_cap_hidden: bool,
+    /// The vIOMMU model in front of the device and, for `auto`, the host IOMMU's registers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub viommu: Option<ViommuSpec>,
 }
 
 impl EmulatedDevice {
@@ -111,6 +115,7 @@ impl EmulatedDevice {
             iommu: None,
             pasid_cap_offset: None,
             pasid_cap_hidden: false,
+            viommu: None,
         }
     }
 

@@ -796,3 +796,89 @@ mod json_schema {
         }
     }
 }
+
+#[test]
+fn viommu_blocks_parse_and_report_problems() {
+    let with = |viommu: &str| {
+        format!(
+            r#"{{"version": 1, "name": "d", "socket": "/s", "device": {{"type": "emulated", "model": "ats-dma", "viommu": {viommu}}}}}"#
+        )
+    };
+    let parsed = inline(&with(
+        r#"{"model": "smmuv3", "ats": true, "ssidsize": "auto", "oas": 48, "host": {"idr": ["0x1", 2, "0X3", "0x4", "0x5", "0x6"]}}"#,
+    ))
+    .unwrap();
+    let DeviceSpec::Emulated(e) = &parsed.device;
+    let Some(ViommuSpec::Smmuv3 {
+        ats,
+        ril,
+        ssidsize,
+        oas,
+        host: Some(host),
+    }) = e.viommu
+    else {
+        panic!("{:?}", e.viommu);
+    };
+    assert_eq!(
+        (ats, ril, ssidsize, oas),
+        (Auto::Value(true), Auto::Auto, Auto::Auto, Auto::Value(48))
+    );
+    assert_eq!(host.idr.map(|r| r.0), [1, 2, 3, 4, 5, 6]);
+    // Serialization round-trips, with registers as hexadecimal strings.
+    let text = serde_json::to_string(&parsed).unwrap();
+    assert!(
+        text.contains(r#""ril":"auto""#) && text.contains(r#""0x6""#),
+        "{text}"
+    );
+    assert_eq!(inline(&text).unwrap(), parsed);
+    let vtd = inline(&with(
+        r#"{"model": "vtd", "host": {"cap": "0x19ed008c40780c66", "ecap": 4}}"#,
+    ))
+    .unwrap();
+    let DeviceSpec::Emulated(e) = &vtd.device;
+    assert!(
+        matches!(e.viommu, Some(ViommuSpec::Vtd { device_iotlb: Auto::Auto, host: Some(h), .. }) if h.cap.0 == 0x19ed_008c_4078_0c66)
+    );
+
+    for (viommu, want_path, want_reason) in [
+        (
+            r#"{"model": "smmuv3", "oas": 40}"#,
+            "device.viommu.oas",
+            "44 or 48 bits, not 40",
+        ),
+        (
+            r#"{"model": "smmuv3", "ssidsize": 21}"#,
+            "device.viommu.ssidsize",
+            "21 bits is more than the 20",
+        ),
+        (
+            r#"{"model": "vtd", "pasid_bits": 32}"#,
+            "device.viommu.pasid_bits",
+            "32 bits",
+        ),
+        (
+            r#"{"model": "vtd", "ril": true}"#,
+            "device.viommu",
+            "unknown field",
+        ),
+        (
+            r#"{"model": "amd"}"#,
+            "device.viommu.model",
+            "unknown variant",
+        ),
+        (
+            r#"{"model": "vtd", "fs1gp": "maybe"}"#,
+            "device.viommu",
+            "expected \"auto\" or a value",
+        ),
+        (
+            r#"{"model": "vtd", "host": {"cap": "0xzz", "ecap": 0}}"#,
+            "device.viommu",
+            "not a register value",
+        ),
+    ] {
+        let (path, reason) = field_err(inline(&with(viommu)));
+        assert_eq!(path, want_path, "{viommu}: {reason}");
+        assert!(reason.contains(want_reason), "{viommu}: {reason}");
+    }
+}

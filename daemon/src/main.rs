@@ -1,4 +1,4 @@
-//! The `vfud` command line: run the daemon, check configurations, probe a socket, and talk to
+//! The `vfud` command line: run the daemon, check configurations, probe a socket, resolve vIOMMU properties, and talk to
 //! a running daemon through its control socket (status, metrics, reload, set-log-level).
 
 use std::io::Write;
@@ -60,6 +60,13 @@ enum Command {
         /// Files or directories to check.
         #[arg(required = true, value_name = "FILE_OR_DIR")]
         paths: Vec<PathBuf>,
+    },
+    /// Resolve the vIOMMU model of the devices' `viommu` blocks (frozen at the first device in
+    /// file order), check every later device against it, and print the QEMU argument.
+    Resolve {
+        /// Device configuration files or directories, in VM order.
+        #[arg(long, required = true, value_name = "FILE_OR_DIR")]
+        config: Vec<PathBuf>,
     },
     /// Connect to a vfio-user socket and print what a VMM would see.
     Probe {
@@ -342,6 +349,21 @@ fn main() -> ExitCode {
             exit_with(run(config, socket, control_group))
         }
         Command::CheckConfig { paths } => check_config(&paths),
+        Command::Resolve { config } => match vfu_config::load_paths(&config) {
+            Ok(configs) => {
+                let report = vfud::viommu::resolve::ResolveReport::for_configs(&configs);
+                print!("{report}");
+                if report.is_ok() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            Err(errors) => {
+                eprintln!("{errors}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Probe { socket, json } => match vfud::probe::probe(&socket) {
             Ok(report) => {
                 if json {

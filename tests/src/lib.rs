@@ -372,6 +372,53 @@ pub mod ats_dma {
             .unwrap();
     }
 
+    /// Config-space offset of ats-dma's ATS Control register with the default policy (ATS at
+    /// 0x100).
+    pub const ATS_CONTROL: u64 = 0x106;
+
+    /// Sets ATS Enable and the Smallest Translation Unit in config space, as a guest driver does.
+    pub fn enable_ats(c: &mut Client, stu: u8) {
+        let control = 0x8000u16 | u16::from(stu & 0x1f);
+        c.region_write(
+            vfu_protocol::command::region::CONFIG,
+            ATS_CONTROL,
+            &control.to_le_bytes(),
+        )
+        .unwrap();
+        assert_ne!(
+            c.read_u32(0, CAP_CONTROL).unwrap() & CAP_CONTROL_ATS_ENABLE,
+            0,
+            "the engine sees ATS Enable"
+        );
+    }
+
+    /// The ATC counters in BAR0.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct AtcCounters {
+        pub requests: u32,
+        pub hits: u32,
+        pub misses: u32,
+        pub invalidations: u32,
+        pub entries: u32,
+    }
+
+    /// Reads the ATC counters from BAR0.
+    pub fn atc_counters(c: &mut Client) -> AtcCounters {
+        AtcCounters {
+            requests: c.read_u32(0, ATS_REQUESTS).unwrap(),
+            hits: c.read_u32(0, ATC_HITS).unwrap(),
+            misses: c.read_u32(0, ATC_MISSES).unwrap(),
+            invalidations: c.read_u32(0, ATC_INVALIDATIONS).unwrap(),
+            entries: c.read_u32(0, ATC_ENTRIES).unwrap(),
+        }
+    }
+
+    /// FAULT_ADDR: the address of the last translation fault.
+    pub fn fault_addr(c: &mut Client) -> u64 {
+        u64::from(c.read_u32(0, FAULT_ADDR_LO).unwrap())
+            | u64::from(c.read_u32(0, FAULT_ADDR_HI).unwrap()) << 32
+    }
+
     /// Reads STATUS until the command leaves BUSY (servicing message DMA meanwhile, since each
     /// read waits for its reply); returns (STATUS, ERROR). Fails after 20 s.
     pub fn wait_idle(c: &mut Client) -> (u32, u32) {

@@ -325,6 +325,12 @@ fn assert_guest_passed(b: &Boot) -> Caps {
             b.fail(&format!("standard capability {id:#04x} missing: {caps}"));
         }
     }
+    // Where the guest sees ATS it enabled it and DMA went through the device's ATC.
+    if found.extended.contains(&EXT_CAP_ID_ATS) {
+        eprintln!("{}: {}", b.tag, b.line("ats ok "));
+    } else {
+        b.line("ats absent");
+    }
     found
 }
 

@@ -17,6 +17,10 @@ use vfu_protocol::request::SetIrqsRequest;
 use crate::dma::{DmaRegion, GuestMemory};
 use crate::pci::virtual_config::{PolicyRequest, VirtualConfigError};
 use crate::pci::{HostIommuCaps, IommuSource, ResolvedCapabilities};
+use crate::viommu::ats::{
+    AtcCounters, AtcInvalidation, AtcInvalidationCompletion, InvalidationFuture,
+};
+use crate::viommu::resolve::{resolve, HostIommuInfo, ResolveError, ResolvedViommu};
 
 /// Static facts about a device, answered to DEVICE_GET_INFO.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,19 +87,6 @@ impl DeviceError {
     }
 }
 
-/// Counters of a device's ATS translation cache (ATC), cumulative since the device started.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-pub struct AtsCounters {
-    /// Translation requests the device sent to the IOMMU.
-    pub requests: u64,
-    /// Accesses answered from the ATC.
-    pub hits: u64,
-    /// Accesses that needed a translation request.
-    pub misses: u64,
-    /// Invalidation requests received.
-    pub invalidations: u64,
-}
-
 /// A device served over vfio-user. See the module documentation for the checking contract.
 pub trait Device: Send + Sync + 'static {
     /// DEVICE_GET_INFO.
@@ -145,9 +136,18 @@ pub trait Device: Send + Sync + 'static {
         Vec::new()
     }
 
-    /// The device's ATS translation cache counters, for status and metrics; None for a device
-    /// without an ATC.
-    fn ats_counters(&self) -> Option<AtsCounters> {
+    /// Invalidate device ATC: removes every cached translation the invalidation hits and
+    /// resolves (the Invalidate Completion) only once no DMA that used them is in flight. The
+    /// server raises one for every DMA_UNMAP (shadow mode) before it replies; a vIOMMU model
+    /// raises one for a device-TLB invalidation. A device without an ATC completes at once.
+    fn invalidate_atc(&self, invalidation: &AtcInvalidation) -> InvalidationFuture {
+        let _ = invalidation;
+        Box::pin(std::future::ready(AtcInvalidationCompletion::default()))
+    }
+
+    /// The device's ATC counters (translation requests, hits, misses, invalidations, entries),
+    /// or `None` if the device has no ATC or the guest does not see its ATS capability.
+    fn ats_counters(&self) -> Option<AtcCounters> {
         None
     }
 }
@@ -201,18 +201,42 @@ pub enum CreateDeviceError {
     /// the value and the fix.
     #[error(transparent)]
     ApplyPolicy(#[from] VirtualConfigError),
+    /// The device's `viommu` block cannot be resolved against its host IOMMU.
+    #[error(transparent)]
+    ResolveViommu(#[from] ResolveError),
 }
 
-/// The capability-policy request a configuration describes.
-pub fn policy_request(config: &vfu_config::DeviceConfig) -> PolicyRequest<'_> {
+/// The vIOMMU model an emulated device's configuration resolves to on its own (`None` without
+/// a `viommu` block). `vfud resolve` freezes one model across the devices of a VM with
+/// [`crate::viommu::resolve::Resolver`].
+pub fn viommu_model(
+    config: &vfu_config::DeviceConfig,
+) -> Result<Option<(ResolvedViommu, HostIommuInfo)>, ResolveError> {
+    match &config.device {
+        vfu_config::DeviceSpec::Emulated(e) => {
+            let Some(spec) = &e.viommu else {
+                return Ok(None);
+            };
+            let host =
+                HostIommuInfo::from_config(&HostIommuCaps::from_spec(&e.iommu_or_default()), spec);
+            Ok(Some((resolve(&config.name, spec, &host)?, host)))
+        }
+    }
+}
+
+/// The capability-policy request a configuration describes; `viommu` is the model the device
+/// sits behind, whose flags decide whether PASID may be exposed.
+pub fn policy_request<'a>(
+    config: &'a vfu_config::DeviceConfig,
+    viommu: Option<&ResolvedViommu>,
+) -> PolicyRequest<'a> {
     match &config.device {
         vfu_config::DeviceSpec::Emulated(e) => PolicyRequest {
             device_name: &config.name,
             policies: e.capability_policies(),
             host: HostIommuCaps::from_spec(&e.iommu_or_default()),
             iommu_source: IommuSource::ConfigBlock,
-            // No vIOMMU model exists yet.
-            viommu_pasid: None,
+            viommu_pasid: viommu.map(|m| m.flags().pasid_supported),
             pasid_cap_hidden: e.pasid_cap_hidden,
             pasid_cap_offset: e.pasid_cap_offset.map(vfu_config::PasidCapOffset::get),
         },
@@ -225,7 +249,8 @@ pub fn policy_request(config: &vfu_config::DeviceConfig) -> PolicyRequest<'_> {
 pub fn resolve_capabilities(
     config: &vfu_config::DeviceConfig,
 ) -> Result<ResolvedCapabilities, CreateDeviceError> {
-    let request = policy_request(config);
+    let viommu = viommu_model(config)?.map(|(m, _)| m);
+    let request = policy_request(config, viommu.as_ref());
     match &config.device {
         vfu_config::DeviceSpec::Emulated(e) => match e.model {
             vfu_config::EmulatedModel::AtsDma => {
@@ -237,7 +262,8 @@ pub fn resolve_capabilities(
 
 /// Creates the device a configuration describes, with its capability policy applied.
 pub fn create(config: &vfu_config::DeviceConfig) -> Result<Arc<dyn Device>, CreateDeviceError> {
-    let request = policy_request(config);
+    let viommu = viommu_model(config)?.map(|(m, _)| m);
+    let request = policy_request(config, viommu.as_ref());
     match &config.device {
         vfu_config::DeviceSpec::Emulated(e) => match e.model {
             vfu_config::EmulatedModel::AtsDma => match emulated::AtsDma::new(&request) {

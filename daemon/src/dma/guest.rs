@@ -6,6 +6,7 @@ use nix::errno::Errno;
 use tokio::sync::{mpsc, oneshot};
 
 use super::table::{DmaBacking, DmaError, DmaMapTable, DmaRegion, DmaSegment};
+use crate::viommu::ats::TranslatedSpace;
 
 /// A request the device side makes when a range has no fd: the connection
 /// task turns it into a DMA_READ/DMA_WRITE message to the client and answers
@@ -103,6 +104,47 @@ impl GuestMemory {
     pub async fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
         let len = u64::try_from(buf.len()).unwrap_or(u64::MAX);
         let segments = self.with_table(|t| t.resolve(iova, len, false))?;
+        self.read_segments(iova, segments, buf).await
+    }
+
+    /// A translated read (an ATS Translated Request) at `taddr` in `space`: the shadow
+    /// translated space of the map table, or the map table's own addresses.
+    pub async fn read_translated(
+        &self,
+        space: TranslatedSpace,
+        taddr: u64,
+        buf: &mut [u8],
+    ) -> Result<(), DmaError> {
+        let len = u64::try_from(buf.len()).unwrap_or(u64::MAX);
+        let segments = self.with_table(|t| match space {
+            TranslatedSpace::Shadow => t.resolve_translated(taddr, len, false),
+            TranslatedSpace::MapTable => t.resolve(taddr, len, false),
+        })?;
+        self.read_segments(taddr, segments, buf).await
+    }
+
+    /// A translated write (an ATS Translated Request) at `taddr` in `space`.
+    pub async fn write_translated(
+        &self,
+        space: TranslatedSpace,
+        taddr: u64,
+        data: &[u8],
+    ) -> Result<(), DmaError> {
+        let len = u64::try_from(data.len()).unwrap_or(u64::MAX);
+        let segments = self.with_table(|t| match space {
+            TranslatedSpace::Shadow => t.resolve_translated(taddr, len, true),
+            TranslatedSpace::MapTable => t.resolve(taddr, len, true),
+        })?;
+        self.write_segments(taddr, segments, data).await
+    }
+
+    async fn read_segments(
+        &self,
+        iova: u64,
+        segments: Vec<DmaSegment>,
+        buf: &mut [u8],
+    ) -> Result<(), DmaError> {
+        let len = u64::try_from(buf.len()).unwrap_or(u64::MAX);
         let port = self.port_for(&segments);
         let mut rest = buf;
         for seg in &segments {
@@ -134,6 +176,16 @@ impl GuestMemory {
     pub async fn write(&self, iova: u64, data: &[u8]) -> Result<(), DmaError> {
         let len = u64::try_from(data.len()).unwrap_or(u64::MAX);
         let segments = self.with_table(|t| t.resolve(iova, len, true))?;
+        self.write_segments(iova, segments, data).await
+    }
+
+    async fn write_segments(
+        &self,
+        iova: u64,
+        segments: Vec<DmaSegment>,
+        data: &[u8],
+    ) -> Result<(), DmaError> {
+        let len = u64::try_from(data.len()).unwrap_or(u64::MAX);
         let port = self.port_for(&segments);
         let mut rest = data;
         for seg in &segments {

@@ -24,4 +24,6 @@ mod table;
 
 pub use guest::{GuestMemory, MessageDmaPort, MessageDmaRequest};
 pub use mmap::{MappedFile, MappedRegion, MappingCache, MmapError};
-pub use table::{DmaBacking, DmaError, DmaMapTable, DmaProt, DmaRegion, DmaSegment};
+pub use table::{
+    DmaBacking, DmaError, DmaMapTable, DmaProt, DmaRegion, DmaSegment, SHADOW_ALIGN_LOG2,
+};

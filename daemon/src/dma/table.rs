@@ -70,6 +70,15 @@ pub enum DmaError {
         /// Length of the access.
         len: u64,
     },
+    /// vfud's shadow translated address space has no room left for another region (only after
+    /// about 2^34 maps on one connection).
+    #[error("no room in the translated address space for {size:#x} bytes at iova {iova:#x}")]
+    TranslatedSpaceFull {
+        /// Start of the region.
+        iova: u64,
+        /// Size of the region.
+        size: u64,
+    },
     /// A device access needs a permission the region was not mapped with.
     #[error("DMA {} of {len:#x} bytes at iova {iova:#x} is not permitted by the region's protection", if *write { "write" } else { "read" })]
     AccessDenied {
@@ -119,7 +128,7 @@ impl DmaError {
         match self {
             Self::InvalidRange { .. } => Errno::EINVAL,
             Self::MapOverlaps { .. } => Errno::EEXIST,
-            Self::TooManyMaps { .. } => Errno::ENOSPC,
+            Self::TooManyMaps { .. } | Self::TranslatedSpaceFull { .. } => Errno::ENOSPC,
             Self::UnmapNotFound { .. } => Errno::ENOENT,
             Self::Mmap { source, .. } => source.errno(),
             Self::Unmapped { .. } | Self::MappedAccess { .. } => Errno::EFAULT,
@@ -191,6 +200,9 @@ pub struct DmaRegion {
     pub prot: DmaProt,
     /// Where the bytes live.
     pub backing: DmaBacking,
+    /// First address of the region in vfud's shadow translated space; assigned by
+    /// [`DmaMapTable::insert`], 0 before.
+    translated: u64,
     in_flight: InFlight,
     removal: Removal,
 }
@@ -203,9 +215,17 @@ impl DmaRegion {
             size,
             prot,
             backing,
+            translated: 0,
             in_flight: InFlight::default(),
             removal: Removal::default(),
         }
+    }
+
+    /// First address of the region in vfud's shadow translated space (see
+    /// [`DmaMapTable::resolve_translated`]); stable while the region is mapped, never shared
+    /// with another region mapped at the same time.
+    pub fn translated_base(&self) -> u64 {
+        self.translated
     }
 
     /// Records that the region left its table and wakes accesses waiting in [`Self::removed`].
@@ -321,9 +341,19 @@ fn last_of(iova: u64, size: u64) -> Option<u64> {
 #[derive(Debug)]
 pub struct DmaMapTable {
     regions: BTreeMap<u64, Arc<DmaRegion>>,
+    /// The same regions keyed by their shadow translated base.
+    translated: BTreeMap<u64, Arc<DmaRegion>>,
+    /// Where the next shadow translated base is searched from.
+    next_translated: u64,
     max_maps: usize,
     mappings: MappingCache,
 }
+
+/// The shadow translated space keeps an address's offset within 1 GiB, so ATS pages up to
+/// 1 GiB are naturally aligned in both spaces.
+pub const SHADOW_ALIGN_LOG2: u32 = 30;
+/// Lowest shadow translated address: 0 is never a valid translation.
+const SHADOW_START: u64 = 1 << SHADOW_ALIGN_LOG2;
 
 /// Most distinct backing files one connection may map at once; QEMU uses one per RAM block.
 pub const MAX_BACKING_FILES: usize = 1024;
@@ -333,6 +363,8 @@ impl DmaMapTable {
     pub fn new(max_maps: usize) -> Self {
         Self {
             regions: BTreeMap::new(),
+            translated: BTreeMap::new(),
+            next_translated: SHADOW_START,
             max_maps,
             mappings: MappingCache::new(MAX_BACKING_FILES),
         }
@@ -377,9 +409,21 @@ impl DmaMapTable {
             return Err(DmaError::InvalidRange { iova, size });
         }
 
-        if let Some(existing) = self.regions.get_mut(&iova) {
+        let mut region = region;
+        if let Some(existing) = self.regions.get(&iova) {
             if existing.size == size && existing.prot == region.prot {
-                let old = std::mem::replace(existing, Arc::new(region));
+                let old = Arc::clone(existing);
+                self.translated.remove(&old.translated);
+                match self.allocate_translated(iova, size) {
+                    Ok(base) => region.translated = base,
+                    Err(e) => {
+                        self.translated.insert(old.translated, old);
+                        return Err(e);
+                    }
+                }
+                let new = Arc::new(region);
+                self.translated.insert(new.translated, Arc::clone(&new));
+                self.regions.insert(iova, new);
                 old.mark_removed();
                 return Ok(Some(old));
             }
@@ -401,8 +445,44 @@ impl DmaMapTable {
         if self.regions.len() >= self.max_maps {
             return Err(DmaError::TooManyMaps { max: self.max_maps });
         }
-        self.regions.insert(iova, Arc::new(region));
+        region.translated = self.allocate_translated(iova, size)?;
+        let region = Arc::new(region);
+        self.translated
+            .insert(region.translated, Arc::clone(&region));
+        self.regions.insert(iova, region);
         Ok(None)
+    }
+
+    /// A shadow translated base for `[iova, iova + size)`: congruent to `iova` modulo 1 GiB,
+    /// above every base handed out before on this table (so a stale translation never reaches
+    /// a later mapping) until the space runs out, then the first free gap from the bottom.
+    fn allocate_translated(&mut self, iova: u64, size: u64) -> Result<u64, DmaError> {
+        let found = self
+            .translated_gap(self.next_translated, iova, size)
+            .or_else(|| self.translated_gap(SHADOW_START, iova, size))
+            .ok_or(DmaError::TranslatedSpaceFull { iova, size })?;
+        self.next_translated = found.saturating_add(size);
+        Ok(found)
+    }
+
+    /// The first base at or above `from` that keeps `iova`'s offset within 1 GiB and overlaps
+    /// no region's translated range.
+    fn translated_gap(&self, from: u64, iova: u64, size: u64) -> Option<u64> {
+        let align = 1u64 << SHADOW_ALIGN_LOG2;
+        let offset = iova & (align - 1);
+        let mut candidate = (from.checked_add(align - 1)? & !(align - 1)).checked_add(offset)?;
+        // Each step passes one region, so this ends after at most `max_maps` steps.
+        loop {
+            let last = last_of(candidate, size)?;
+            match self.translated.range(..=last).next_back() {
+                Some((&base, r)) if base.saturating_add(r.size - 1) >= candidate => {
+                    let after = base.checked_add(r.size)?;
+                    candidate =
+                        (after.checked_add(align - 1)? & !(align - 1)).checked_add(offset)?;
+                }
+                _ => return Some(candidate),
+            }
+        }
     }
 
     /// Remove the region that exactly matches `[iova, iova + size)`
@@ -417,6 +497,7 @@ impl DmaMapTable {
             .regions
             .remove(&iova)
             .ok_or(DmaError::UnmapNotFound { iova, size })?;
+        self.translated.remove(&region.translated);
         region.mark_removed();
         Ok(region)
     }
@@ -424,6 +505,7 @@ impl DmaMapTable {
     /// Remove every region (DMA_UNMAP with UNMAP_ALL, or disconnect), in IOVA
     /// order. The caller must drain each before replying.
     pub fn remove_all(&mut self) -> Vec<Arc<DmaRegion>> {
+        self.translated.clear();
         let all: Vec<_> = std::mem::take(&mut self.regions).into_values().collect();
         for r in &all {
             r.mark_removed();
@@ -449,6 +531,68 @@ impl DmaMapTable {
     /// The region that starts exactly at `iova`, O(log n).
     pub fn get(&self, iova: u64) -> Option<Arc<DmaRegion>> {
         self.regions.get(&iova).cloned()
+    }
+
+    /// The region containing `iova`, O(log n).
+    pub fn region_containing(&self, iova: u64) -> Option<Arc<DmaRegion>> {
+        self.regions
+            .range(..=iova)
+            .next_back()
+            .filter(|(_, r)| r.last() >= iova)
+            .map(|(_, r)| Arc::clone(r))
+    }
+
+    /// The first region starting after `iova`, O(log n): where a hole at `iova` ends.
+    pub fn region_after(&self, iova: u64) -> Option<Arc<DmaRegion>> {
+        let next = iova.checked_add(1)?;
+        self.regions
+            .range(next..)
+            .next()
+            .map(|(_, r)| Arc::clone(r))
+    }
+
+    /// Resolves a translated access `[taddr, taddr + len)` in the shadow translated space
+    /// (see [`DmaRegion::translated_base`]) into one segment. Translated ranges of different
+    /// regions are never adjacent, so an access that leaves its region is unmapped.
+    pub fn resolve_translated(
+        &self,
+        taddr: u64,
+        len: u64,
+        write: bool,
+    ) -> Result<Vec<DmaSegment>, DmaError> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let unmapped = || DmaError::Unmapped { iova: taddr, len };
+        last_of(taddr, len).ok_or_else(unmapped)?;
+        let (base, region) = self
+            .translated
+            .range(..=taddr)
+            .next_back()
+            .ok_or_else(unmapped)?;
+        let offset = taddr - base;
+        if offset.checked_add(len).is_none_or(|end| end > region.size) {
+            return Err(unmapped());
+        }
+        let permitted = if write {
+            region.prot.write
+        } else {
+            region.prot.read
+        };
+        if !permitted {
+            return Err(DmaError::AccessDenied {
+                iova: taddr,
+                len,
+                write,
+            });
+        }
+        Ok(vec![DmaSegment {
+            region: Arc::clone(region),
+            offset,
+            len,
+            iova: region.iova + offset,
+            _guard: InFlightGuard::new(region),
+        }])
     }
 
     /// Split the device access `[iova, iova + len)` into per-region segments,
@@ -549,6 +693,45 @@ mod tests {
             }
             other => panic!("expected overlap for {iova:#x}+{size:#x}, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn translated_bases_keep_the_gib_offset_are_disjoint_and_not_reused() {
+        let mut t = table_with(&[(0x1000, 0x1000), (0x4000_2000, 0x8000_0000)]);
+        let a = t.get(0x1000).unwrap();
+        let b = t.get(0x4000_2000).unwrap();
+        let gib = 1u64 << SHADOW_ALIGN_LOG2;
+        assert_eq!(a.translated_base() % gib, 0x1000);
+        assert_eq!(b.translated_base() % gib, 0x2000);
+        assert!(a.translated_base() >= gib);
+        assert!(b.translated_base() >= a.translated_base() + a.size);
+        // Translated access resolves to the region with the same offset.
+        let segs = t
+            .resolve_translated(b.translated_base() + 0x10, 8, true)
+            .unwrap();
+        assert_eq!((segs[0].iova, segs[0].offset), (0x4000_2010, 0x10));
+        drop(segs);
+        assert!(matches!(
+            t.resolve_translated(a.translated_base() + 0xff8, 16, false),
+            Err(DmaError::Unmapped { .. })
+        ));
+        // A re-map at the same IOVA gets a fresh base; the old one no longer resolves.
+        let old = a.translated_base();
+        t.remove(0x1000, 0x1000).unwrap();
+        t.insert(msg(0x1000, 0x1000, RO)).unwrap();
+        let again = t.get(0x1000).unwrap().translated_base();
+        assert_ne!(again, old);
+        assert!(t.resolve_translated(old, 4, false).is_err());
+        assert!(matches!(
+            t.resolve_translated(again, 4, true),
+            Err(DmaError::AccessDenied { .. })
+        ));
+        // When the space above runs out, a free gap from the bottom is reused.
+        t.next_translated = u64::MAX - 0x800;
+        t.insert(msg(0x10_0000, 0x1000, RW)).unwrap();
+        assert!(t.get(0x10_0000).unwrap().translated_base() < again);
+        t.remove_all();
+        assert!(t.translated.is_empty());
     }
 
     #[test]

@@ -35,6 +35,7 @@ use zerocopy::IntoBytes;
 use crate::device::{check_region_access, Device};
 use crate::dma::{DmaBacking, DmaProt, DmaRegion, GuestMemory, MessageDmaRequest};
 use crate::server::stats::DeviceStats;
+use crate::viommu::ats::{AtcInvalidation, InvalidationRange, RequesterId};
 
 /// Regions looked at per device; vfio-user devices have 9 (PCI) plus a few device-specific.
 const MAX_REGIONS: u32 = 64;
@@ -546,6 +547,7 @@ impl Dispatcher {
                     e.errno()
                 })?;
                 if let Some(old) = replaced {
+                    self.invalidate_atc(std::slice::from_ref(&old), false).await;
                     old.drained().await;
                     self.device.dma_unmapped(&old);
                 }
@@ -553,6 +555,7 @@ impl Dispatcher {
                 if let Err(e) = self.device.dma_mapped(&added) {
                     tracing::warn!(device = %self.name, iova = format_args!("{iova:#x}"), size, error = %e, "device refused a DMA map");
                     if let Ok(r) = memory.with_table(|t| t.remove(iova, size)) {
+                        self.invalidate_atc(std::slice::from_ref(&r), false).await;
                         r.drained().await;
                     }
                     return Err(e.errno());
@@ -572,6 +575,10 @@ impl Dispatcher {
                         })?]
                 };
                 // The spec requires every reference, in-flight DMA included, gone before the reply.
+                // The removed maps are the device-TLB invalidation of shadow mode: the device's
+                // ATC drops its translations of them and completes once DMA using them ended.
+                let all = unmap.flags & wire::DMA_UNMAP_FLAG_ALL != 0;
+                self.invalidate_atc(&removed, all).await;
                 for r in removed {
                     r.drained().await;
                     self.device.dma_unmapped(&r);
@@ -725,6 +732,33 @@ impl Dispatcher {
                 Err(Errno::ENOTSUP)
             }
             Request::MigDataRead { .. } | Request::MigDataWrite { .. } => Err(Errno::ENOTSUP),
+        }
+    }
+
+    /// Invalidates the device's ATC for maps that left the table (everything for UNMAP_ALL)
+    /// and waits for the device's completion.
+    async fn invalidate_atc(&self, removed: &[Arc<DmaRegion>], all: bool) {
+        let requester = RequesterId::default();
+        let invalidations: Vec<_> = if all {
+            vec![AtcInvalidation::all(requester)]
+        } else {
+            removed
+                .iter()
+                .map(|r| AtcInvalidation::range(requester, InvalidationRange::new(r.iova, r.size)))
+                .collect()
+        };
+        for invalidation in invalidations {
+            let done = self.device.invalidate_atc(&invalidation).await;
+            if done.entries_removed > 0 || done.waited_for_dma {
+                tracing::debug!(
+                    device = %self.name,
+                    first = format_args!("{:#x}", invalidation.range.first),
+                    last = format_args!("{:#x}", invalidation.range.last),
+                    entries = done.entries_removed,
+                    waited_for_dma = done.waited_for_dma,
+                    "ATC invalidated"
+                );
+            }
         }
     }
 

@@ -53,6 +53,14 @@
 #define REG_ERROR 0x28
 #define REG_RESULT 0x2c
 #define REG_IRQ_STATUS 0x34
+#define REG_CAP_CONTROL 0x40
+#define REG_ATS_REQUESTS 0x48
+#define REG_ATC_HITS 0x4c
+#define REG_ATC_MISSES 0x50
+#define REG_ATC_ENTRIES 0x58
+#define CAP_CONTROL_ATS_ENABLE 0x1
+#define EXT_CAP_ID_ATS 0x000f
+#define ATS_CONTROL_ENABLE 0x8000
 #define OP_COPY 1
 #define OP_FILL 2
 #define OP_CHECKSUM 3
@@ -233,6 +241,59 @@ static void run(const char *what, uint32_t op, uint64_t src, uint64_t dst, uint3
     }
     if (s != STATUS_DONE)
         fail("%s: STATUS=%u ERROR=%u", what, s, rd(REG_ERROR));
+}
+
+/* Offset of extended capability `id` in config space, 0 if absent. */
+static unsigned find_ext_cap(uint16_t id)
+{
+    unsigned off = 0x100;
+    for (int i = 0; off >= 0x100 && off < 4096 && i < 64; i++) {
+        uint32_t h;
+        if (pread(config_fd, &h, 4, off) != 4)
+            return 0;
+        if (h == 0 || h == 0xffffffff)
+            return 0;
+        if ((h & 0xffff) == id)
+            return off;
+        off = (h >> 20) & 0xffc;
+    }
+    return 0;
+}
+
+/* ATS: set Enable in the ATS Control register, as a driver does; the device then translates
+ * every address through its ATC (vfud's shadow source answers from QEMU's DMA maps): misses on
+ * the first copy, hits only on the repeat. Leaves ATS disabled again. */
+static void ats_round(uint64_t src, uint64_t dst, const uint8_t *b, uint8_t *c)
+{
+    unsigned ats = find_ext_cap(EXT_CAP_ID_ATS);
+    if (!ats) {
+        report("ats absent");
+        return;
+    }
+    cfg_write16(ats + 6, ATS_CONTROL_ENABLE);
+    uint16_t control = cfg_read16(ats + 6);
+    if (!(rd(REG_CAP_CONTROL) & CAP_CONTROL_ATS_ENABLE))
+        fail("ats: ATS Control reads 0x%04x but the device's CAP_CONTROL is 0x%08x", control,
+             rd(REG_CAP_CONTROL));
+    memset(c, 0, PAGE);
+    run("ats copy", OP_COPY, src, dst, PAGE, 0, 0);
+    if (memcmp(b, c, PAGE) != 0)
+        fail("ats copy: destination differs from source");
+    uint32_t requests = rd(REG_ATS_REQUESTS), misses = rd(REG_ATC_MISSES), hits = rd(REG_ATC_HITS);
+    if (requests == 0 || misses == 0)
+        fail("ats copy: no translation request (requests=%u misses=%u)", requests, misses);
+    memset(c, 0, PAGE);
+    run("ats copy again", OP_COPY, src, dst, PAGE, 0, 0);
+    if (memcmp(b, c, PAGE) != 0)
+        fail("ats copy again: destination differs from source");
+    uint32_t misses2 = rd(REG_ATC_MISSES), hits2 = rd(REG_ATC_HITS);
+    if (misses2 != misses || hits2 <= hits)
+        fail("ats copy again: misses %u->%u hits %u->%u, want hits only", misses, misses2, hits,
+             hits2);
+    uint32_t entries = rd(REG_ATC_ENTRIES);
+    cfg_write16(ats + 6, 0);
+    report("ats ok control=0x%04x requests=%u misses=%u hits=%u->%u entries=%u", control,
+           requests, misses, hits, hits2, entries);
 }
 
 static uint32_t crc32_ieee(const uint8_t *p, size_t n)
@@ -441,6 +502,8 @@ int main(void)
     if (got != want)
         fail("checksum: RESULT=0x%08x, want 0x%08x", got, want);
     report("dma checksum ok crc=0x%08x", got);
+
+    ats_round(pb, pc, b, c);
 
     /* Interrupts through INTx and uio_pci_generic. */
     int irq = (int)read_hex_file(dev_path, "irq");

@@ -7,9 +7,16 @@
 //! STATUS and raises the completion interrupt on MSI-X vector 0, MSI or INTx, whichever the
 //! client enabled. The register map is documented in `docs/ats-dma.md`.
 //!
-//! Seam for ATS: every guest address the engine touches goes through [`AtsDma::translate`],
-//! which today is the identity (untranslated requests); the ATS issue replaces it with a
-//! translation request to the vIOMMU and a device ATC.
+//! ATS: while the guest has ATS Enable set in the ATS Control register, the engine translates
+//! every address it touches before the DMA: it looks the address up in its ATC
+//! ([`super::atc::Atc`], per PASID, every page size, bounded, LRU eviction), sends a
+//! translation request to its [`TranslationSource`] on a miss, caches the answer and issues a
+//! translated access with the cached translation. A hole or a missing permission ends the
+//! command with `ERR_TRANSLATION`. The source is the connection's shadow source
+//! ([`crate::viommu::shadow`]). An invalidation ([`Device::invalidate_atc`]) removes the
+//! entries it hits and completes only once a running command that may use them has ended, so
+//! no DMA with a stale translation outlives the invalidation. With ATS disabled the engine
+//! issues untranslated DMA, as before.
 //!
 //! Config space has two layers, as for a host device: the model's own config space (all its
 //! capabilities, as the hardware would have them) and the guest's view of it, which the
@@ -30,8 +37,15 @@ use vfu_protocol::wire::{
     REGION_FLAG_WRITE,
 };
 
+use super::atc::{Atc, ATC_CAPACITY};
 use crate::device::eventfd::EventfdWatch;
 use crate::device::irq::IrqTable;
+use crate::dma::DmaError;
+use crate::viommu::ats::{
+    check_completions, AtcCounters, AtcInvalidation, AtcInvalidationCompletion, InvalidationFuture,
+    Pasid, RequesterId, TranslationCompletion, TranslationRequest, TranslationSource,
+};
+use crate::viommu::shadow::ShadowSource;
 
 /// Config-space offsets of the Command and Status registers (INTx Disable, Interrupt Status).
 const PCI_COMMAND: usize = 0x04;
@@ -102,6 +116,30 @@ pub mod regs {
     /// [`CAP_CONTROL_PASID_ENABLE`] ... Bits of capabilities the guest does not see read 0.
     pub const CAP_CONTROL: u64 = 0x40;
 
+    /// RW: PASID the engine tags its requests with: bits 19:0 the PASID, [`PASID_VALID`] to use
+    /// it (only while PASID Enable is set in config space), [`PASID_PRIV`] for privileged
+    /// requests (only while PASID Privileged Mode Enable is set).
+    pub const PASID: u64 = 0x44;
+    /// RO: translation requests sent (low 32 bits; wraps).
+    pub const ATS_REQUESTS: u64 = 0x48;
+    /// RO: ATC lookups answered from the cache (low 32 bits; wraps).
+    pub const ATC_HITS: u64 = 0x4c;
+    /// RO: ATC lookups that needed a translation request (low 32 bits; wraps).
+    pub const ATC_MISSES: u64 = 0x50;
+    /// RO: invalidations received (low 32 bits; wraps).
+    pub const ATC_INVALIDATIONS: u64 = 0x54;
+    /// RO: entries in the ATC now.
+    pub const ATC_ENTRIES: u64 = 0x58;
+    /// RO: untranslated address of the last translation fault, bits 31:0.
+    pub const FAULT_ADDR_LO: u64 = 0x5c;
+    /// RO: untranslated address of the last translation fault, bits 63:32.
+    pub const FAULT_ADDR_HI: u64 = 0x60;
+
+    /// PASID: use the PASID in bits 19:0.
+    pub const PASID_VALID: u32 = 1 << 31;
+    /// PASID: privileged-mode requests.
+    pub const PASID_PRIV: u32 = 1 << 30;
+
     /// CAP_CONTROL: ATS Enable.
     pub const CAP_CONTROL_ATS_ENABLE: u32 = 1 << 0;
     /// CAP_CONTROL: PASID Enable.
@@ -130,6 +168,9 @@ pub mod regs {
     pub const ERR_LENGTH: u32 = 2;
     pub const ERR_DMA_FAULT: u32 = 3;
     pub const ERR_NO_CLIENT: u32 = 4;
+    /// ATS is enabled and an address had no usable translation (a hole, a missing permission
+    /// or a refused request); FAULT_ADDR holds the address.
+    pub const ERR_TRANSLATION: u32 = 5;
 }
 
 use regs::*;
@@ -146,6 +187,8 @@ struct Registers {
     completed: u32,
     irq_status: u32,
     rejected: u32,
+    pasid: u32,
+    fault_addr: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -157,6 +200,28 @@ struct Job {
     pattern: u32,
     irq: bool,
     generation: u64,
+    /// Set when the command runs with ATS.
+    ats: Option<AtsSetup>,
+}
+
+/// How a command tags its translation requests, fixed when it starts.
+#[derive(Debug, Clone, Copy)]
+struct AtsSetup {
+    stu_log2: u8,
+    pasid: Option<Pasid>,
+    privileged: bool,
+}
+
+impl Job {
+    /// The untranslated ranges (first, last) the command touches.
+    fn ranges(&self) -> Vec<(u64, u64)> {
+        let span = |start: u64| (start, start.saturating_add(u64::from(self.len.max(1)) - 1));
+        match self.op {
+            OP_COPY => vec![span(self.src), span(self.dst)],
+            OP_FILL => vec![span(self.dst)],
+            _ => vec![span(self.src)],
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -175,6 +240,16 @@ struct State {
     job: Option<RunningJob>,
     /// The task watching the client's INTx unmask trigger, if one is registered.
     unmask_watch: Option<UnmaskWatch>,
+    /// Cached translations.
+    atc: Atc,
+    /// The STU the ATC was filled with; a change empties it.
+    atc_stu: Option<u8>,
+    /// Bumped by every invalidation, so an answer requested before one is not cached after it.
+    atc_epoch: u64,
+    /// ATS counters since reset (`entries` is read from the ATC).
+    counters: AtcCounters,
+    /// Where translations come from while a client is attached.
+    source: Option<Arc<dyn TranslationSource>>,
 }
 
 /// A task that unmasks INTx whenever the client's unmask trigger (KVM's resample eventfd, which
@@ -190,6 +265,16 @@ struct UnmaskWatch {
 struct RunningJob {
     abort: tokio::task::AbortHandle,
     stopped: Arc<JobStopped>,
+    /// With ATS: the PASID and untranslated ranges whose translations the job may use, so an
+    /// invalidation knows whether to wait for it.
+    ats: Option<AtsFootprint>,
+}
+
+/// What an ATS command may have translated: its PASID and untranslated (first, last) ranges.
+#[derive(Debug)]
+struct AtsFootprint {
+    pasid: Option<Pasid>,
+    ranges: Vec<(u64, u64)>,
 }
 
 /// Set when a job's task ends, whether it completed or was aborted.
@@ -197,6 +282,23 @@ struct RunningJob {
 struct JobStopped {
     done: Mutex<bool>,
     cv: std::sync::Condvar,
+    notify: tokio::sync::Notify,
+}
+
+impl JobStopped {
+    fn is_done(&self) -> bool {
+        *self.done.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Resolves once the job's task has ended.
+    async fn ended(&self) {
+        let mut notified = std::pin::pin!(self.notify.notified());
+        notified.as_mut().enable();
+        if self.is_done() {
+            return;
+        }
+        notified.await;
+    }
 }
 
 /// Marks the job stopped when dropped, which also happens when its task is aborted.
@@ -206,12 +308,22 @@ impl Drop for StoppedOnDrop {
     fn drop(&mut self) {
         *self.0.done.lock().unwrap_or_else(|p| p.into_inner()) = true;
         self.0.cv.notify_all();
+        self.0.notify.notify_waiters();
     }
 }
 
 /// How long reset and detach wait for a cancelled job to stop. A job stops at its next await,
 /// after at most one 64 KiB copy, so this is only reached if the runtime is wedged.
 const JOB_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How long an ATC invalidation waits for a running command that may use the removed entries.
+/// The command ends at its next translation (which misses now), so this is only reached when a
+/// client leaves message DMA unanswered; the DMA map drain still keeps unmapped memory safe.
+const INVALIDATION_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A translation answer is requested again at most this often when invalidations keep
+/// overtaking it.
+const TRANSLATION_RETRIES: usize = 4;
 
 impl RunningJob {
     /// Aborts the job and waits until its task has ended, so that it touches guest memory no
@@ -352,9 +464,25 @@ impl AtsDma {
                 generation: 0,
                 job: None,
                 unmask_watch: None,
+                atc: Atc::new(ATC_CAPACITY),
+                atc_stu: None,
+                atc_epoch: 0,
+                counters: AtcCounters::default(),
+                source: None,
             })),
             bar2: Arc::new(bar2),
         })
+    }
+
+    /// Replaces the translation source the engine asks on an ATC miss (by default the
+    /// connection's shadow source, installed on attach) and empties the ATC: an embedded
+    /// vIOMMU model installs itself here after attach. The source's translated addresses must
+    /// be in the space it names ([`TranslationSource::translated_space`]).
+    pub fn set_translation_source(&self, source: Arc<dyn TranslationSource>) {
+        let mut st = lock(&self.state);
+        st.source = Some(source);
+        st.atc.clear();
+        st.atc_epoch = st.atc_epoch.wrapping_add(1);
     }
 
     /// The ATS, PASID and PRI controls as the guest last set them; `None` for a capability
@@ -394,11 +522,6 @@ impl AtsDma {
         v
     }
 
-    /// Maps a device address to the address the engine uses on the bus. Identity until ATS.
-    fn translate(addr: u64) -> u64 {
-        addr
-    }
-
     fn read_register(st: &State, offset: u64) -> u32 {
         let r = &st.regs;
         match offset {
@@ -418,6 +541,14 @@ impl AtsDma {
             MAX_LEN => MAX_TRANSFER,
             REJECTED => r.rejected,
             CAP_CONTROL => Self::cap_control(&st.view.controls()),
+            PASID => r.pasid,
+            ATS_REQUESTS => st.counters.requests as u32,
+            ATC_HITS => st.counters.hits as u32,
+            ATC_MISSES => st.counters.misses as u32,
+            ATC_INVALIDATIONS => st.counters.invalidations as u32,
+            ATC_ENTRIES => st.atc.len() as u32,
+            FAULT_ADDR_LO => r.fault_addr as u32,
+            FAULT_ADDR_HI => (r.fault_addr >> 32) as u32,
             _ => 0,
         }
     }
@@ -452,6 +583,7 @@ impl AtsDma {
             DST_HI => r.dst = (r.dst & 0xffff_ffff) | u64::from(merge((r.dst >> 32) as u32)) << 32,
             LEN => r.len = merge(r.len),
             PATTERN => r.pattern = merge(r.pattern),
+            PASID => r.pasid = merge(r.pasid) & (PASID_VALID | PASID_PRIV | 0xf_ffff),
             IRQ_STATUS => {
                 r.irq_status &= !(value & mask);
                 if r.irq_status & 1 == 0 {
@@ -580,19 +712,47 @@ impl AtsDma {
         });
     }
 
+    /// What the next command does about ATS: `None` while ATS Enable is clear (untranslated
+    /// DMA). Empties the ATC when ATS was turned off or the STU changed, since its entries were
+    /// sized for the old STU.
+    fn ats_setup(st: &mut State) -> Option<AtsSetup> {
+        let controls = st.view.controls();
+        let ats = controls.ats.filter(|a| a.enabled);
+        let stu_log2 = ats.map(|a| (a.stu & 0x1f) + 12);
+        if st.atc_stu != stu_log2 {
+            st.atc.clear();
+            st.atc_stu = stu_log2;
+        }
+        let pasid_control = controls.pasid.filter(|p| p.enabled);
+        let tagged = pasid_control.is_some() && st.regs.pasid & PASID_VALID != 0;
+        let pasid = tagged
+            .then(|| Pasid::new(st.regs.pasid & 0xf_ffff).ok())
+            .flatten();
+        let privileged = tagged
+            && pasid_control.is_some_and(|p| p.privileged_enabled)
+            && st.regs.pasid & PASID_PRIV != 0;
+        stu_log2.map(|stu_log2| AtsSetup {
+            stu_log2,
+            pasid,
+            privileged,
+        })
+    }
+
     fn doorbell(&self, st: &mut State, cmd: u32) {
         if st.regs.status == STATUS_BUSY {
             st.regs.rejected = st.regs.rejected.wrapping_add(1);
             return;
         }
+        let ats = Self::ats_setup(st);
         let job = Job {
             op: cmd & 0xf,
-            src: Self::translate(st.regs.src),
-            dst: Self::translate(st.regs.dst),
+            src: st.regs.src,
+            dst: st.regs.dst,
             len: st.regs.len,
             pattern: st.regs.pattern,
             irq: cmd & CMD_IRQ != 0,
             generation: st.generation,
+            ats,
         };
         st.regs.status = STATUS_BUSY;
         st.regs.error = ERR_NONE;
@@ -613,6 +773,18 @@ impl AtsDma {
             return;
         }
         let Some(memory) = memory else { return };
+        let path = match (job.ats, st.source.clone()) {
+            (None, _) => None,
+            (Some(setup), Some(source)) => Some(TranslatedPath {
+                state: Arc::clone(&self.state),
+                source,
+                setup,
+            }),
+            (Some(_), None) => {
+                Self::finish(st, &job, ERR_NO_CLIENT, None, &self.name);
+                return;
+            }
+        };
         let state = Arc::clone(&self.state);
         let name = self.name.clone();
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
@@ -623,11 +795,22 @@ impl AtsDma {
         let on_drop = StoppedOnDrop(Arc::clone(&stopped));
         let task = rt.spawn(async move {
             let _stopped = on_drop;
-            let outcome = run_job(&memory, &job).await;
+            let dma = JobDma {
+                memory: &memory,
+                path: path.as_ref(),
+            };
+            let outcome = run_job(&dma, &job).await;
             let mut st = lock(&state);
             match outcome {
                 Ok(result) => Self::finish(&mut st, &job, ERR_NONE, result, &name),
-                Err(e) => {
+                Err(JobError::Translate { addr, reason }) => {
+                    tracing::debug!(device = %name, addr = format_args!("{addr:#x}"), %reason, "DMA command found no usable translation");
+                    if job.generation == st.generation {
+                        st.regs.fault_addr = addr;
+                    }
+                    Self::finish(&mut st, &job, ERR_TRANSLATION, None, &name)
+                }
+                Err(JobError::Access(e)) => {
                     tracing::debug!(device = %name, error = %e, "DMA command failed");
                     Self::finish(&mut st, &job, ERR_DMA_FAULT, None, &name)
                 }
@@ -636,11 +819,191 @@ impl AtsDma {
         st.job = Some(RunningJob {
             abort: task.abort_handle(),
             stopped,
+            ats: job.ats.map(|a| AtsFootprint {
+                pasid: a.pasid,
+                ranges: job.ranges(),
+            }),
         });
     }
 }
 
-async fn run_job(memory: &GuestMemory, job: &Job) -> Result<Option<u32>, crate::dma::DmaError> {
+/// Why a command failed.
+#[derive(Debug, thiserror::Error)]
+enum JobError {
+    /// A guest-memory access failed.
+    #[error("a DMA access failed")]
+    Access(#[from] DmaError),
+    /// ATS is on and `addr` has no usable translation.
+    #[error("no usable translation for {addr:#x}: {reason}")]
+    Translate { addr: u64, reason: String },
+}
+
+/// ATS for one command: the ATC in the device state and the source to ask on a miss.
+struct TranslatedPath {
+    state: Arc<Mutex<State>>,
+    source: Arc<dyn TranslationSource>,
+    setup: AtsSetup,
+}
+
+impl TranslatedPath {
+    /// The translation of `addr` for an access of kind `write`, from the ATC or, on a miss,
+    /// from the source (asking for `want` bytes from `addr`, so one request can cover the rest
+    /// of the command). An entry that lacks the needed permission counts as a miss: the
+    /// device asks again, as for a write to a page it translated with No-Write.
+    async fn entry(
+        &self,
+        addr: u64,
+        want: u64,
+        write: bool,
+    ) -> Result<TranslationCompletion, JobError> {
+        let pasid = self.setup.pasid;
+        for _ in 0..TRANSLATION_RETRIES {
+            let epoch = {
+                let mut st = lock(&self.state);
+                if let Some(c) = st.atc.lookup(pasid, addr) {
+                    if c.permits(write) {
+                        st.counters.hits += 1;
+                        return Ok(c);
+                    }
+                }
+                st.counters.misses += 1;
+                st.counters.requests += 1;
+                st.atc_epoch
+            };
+            let request = TranslationRequest {
+                requester: RequesterId(0),
+                pasid,
+                address: addr,
+                length: want.max(1),
+                no_write: !write,
+                exec: false,
+                privileged: self.setup.privileged,
+                stu_log2: self.setup.stu_log2,
+            };
+            let answer =
+                self.source
+                    .translate(&request)
+                    .await
+                    .map_err(|e| JobError::Translate {
+                        addr,
+                        reason: e.to_string(),
+                    })?;
+            check_completions(&request, &answer).map_err(|e| JobError::Translate {
+                addr,
+                reason: e.to_string(),
+            })?;
+            let mut st = lock(&self.state);
+            if st.atc_epoch != epoch {
+                // An invalidation overtook the answer: it may describe what was just removed.
+                continue;
+            }
+            for c in &answer {
+                st.atc.insert(pasid, *c);
+            }
+            return Ok(answer[0]);
+        }
+        Err(JobError::Translate {
+            addr,
+            reason: "invalidations kept overtaking the translation request".into(),
+        })
+    }
+}
+
+/// How one command reaches memory: untranslated, or through the ATC.
+struct JobDma<'a> {
+    memory: &'a GuestMemory,
+    path: Option<&'a TranslatedPath>,
+}
+
+impl JobDma<'_> {
+    /// Reads `buf` at untranslated `addr`; `want` is what the command still has to read from
+    /// there.
+    async fn read(&self, addr: u64, want: u64, buf: &mut [u8]) -> Result<(), JobError> {
+        let Some(path) = self.path else {
+            return Ok(self.memory.read(addr, buf).await?);
+        };
+        let space = path.source.translated_space();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let (at, n, entry) = self.piece(path, addr, done, want, buf.len(), false).await?;
+            let piece = &mut buf[done..done + n];
+            if entry.untranslated_only {
+                self.memory.read(at, piece).await?;
+            } else {
+                self.memory
+                    .read_translated(space, entry.translate(at), piece)
+                    .await?;
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at untranslated `addr`; `want` as for [`Self::read`].
+    async fn write(&self, addr: u64, want: u64, data: &[u8]) -> Result<(), JobError> {
+        let Some(path) = self.path else {
+            return Ok(self.memory.write(addr, data).await?);
+        };
+        let space = path.source.translated_space();
+        let mut done = 0usize;
+        while done < data.len() {
+            let (at, n, entry) = self.piece(path, addr, done, want, data.len(), true).await?;
+            let piece = &data[done..done + n];
+            if entry.untranslated_only {
+                self.memory.write(at, piece).await?;
+            } else {
+                self.memory
+                    .write_translated(space, entry.translate(at), piece)
+                    .await?;
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// The next piece of an access: its address, length (up to the end of its translation)
+    /// and translation.
+    async fn piece(
+        &self,
+        path: &TranslatedPath,
+        addr: u64,
+        done: usize,
+        want: u64,
+        total: usize,
+        write: bool,
+    ) -> Result<(u64, usize, TranslationCompletion), JobError> {
+        let at = addr.checked_add(done as u64).ok_or(JobError::Translate {
+            addr,
+            reason: "the access runs past the end of the address space".into(),
+        })?;
+        let entry = path
+            .entry(at, want.saturating_sub(done as u64), write)
+            .await?;
+        if !entry.untranslated_only && !entry.permits(write) {
+            let what = if entry.is_hole() {
+                "the address is not mapped".to_string()
+            } else {
+                format!(
+                    "the translation does not permit {}",
+                    if write { "writes" } else { "reads" }
+                )
+            };
+            return Err(JobError::Translate {
+                addr: at,
+                reason: what,
+            });
+        }
+        let left_in_entry = entry.range.last() - at;
+        let n = (total - done).min(
+            usize::try_from(left_in_entry)
+                .unwrap_or(usize::MAX)
+                .saturating_add(1),
+        );
+        Ok((at, n, entry))
+    }
+}
+
+async fn run_job(dma: &JobDma<'_>, job: &Job) -> Result<Option<u32>, JobError> {
     let len = job.len as usize;
     let mut buf = vec![0u8; CHUNK.min(len)];
     let mut done = 0usize;
@@ -649,19 +1012,20 @@ async fn run_job(memory: &GuestMemory, job: &Job) -> Result<Option<u32>, crate::
         let n = CHUNK.min(len - done);
         let chunk = &mut buf[..n];
         let off = done as u64;
+        let want = (len - done) as u64;
         match job.op {
             OP_COPY => {
-                memory.read(job.src.wrapping_add(off), chunk).await?;
-                memory.write(job.dst.wrapping_add(off), chunk).await?;
+                dma.read(job.src.wrapping_add(off), want, chunk).await?;
+                dma.write(job.dst.wrapping_add(off), want, chunk).await?;
             }
             OP_FILL => {
                 for (i, b) in chunk.iter_mut().enumerate() {
                     *b = job.pattern.to_le_bytes()[(done + i) % 4];
                 }
-                memory.write(job.dst.wrapping_add(off), chunk).await?;
+                dma.write(job.dst.wrapping_add(off), want, chunk).await?;
             }
             _ => {
-                memory.read(job.src.wrapping_add(off), chunk).await?;
+                dma.read(job.src.wrapping_add(off), want, chunk).await?;
                 crc.update(chunk);
             }
         }
@@ -801,6 +1165,10 @@ impl Device for AtsDma {
             st = lock(&self.state);
         }
         st.regs = Registers::default();
+        st.atc.clear();
+        st.atc_stu = None;
+        st.atc_epoch = st.atc_epoch.wrapping_add(1);
+        st.counters = AtcCounters::default();
         st.config.reset();
         st.view.reset();
         st.irqs.reset_intx();
@@ -813,7 +1181,9 @@ impl Device for AtsDma {
     }
 
     fn attach(&self, memory: Arc<GuestMemory>) {
-        lock(&self.state).memory = Some(memory);
+        let mut st = lock(&self.state);
+        st.source = Some(Arc::new(ShadowSource::new(Arc::clone(&memory))));
+        st.memory = Some(memory);
     }
 
     fn detach(&self) {
@@ -824,6 +1194,10 @@ impl Device for AtsDma {
             st = lock(&self.state);
         }
         st.memory = None;
+        st.source = None;
+        // The translations were the client's; the next client starts with an empty ATC.
+        st.atc.clear();
+        st.atc_epoch = st.atc_epoch.wrapping_add(1);
         st.irqs.clear();
         if let Some(watch) = st.unmask_watch.take() {
             watch.task.abort();
@@ -834,6 +1208,48 @@ impl Device for AtsDma {
             st.regs.status = STATUS_ERROR;
             st.regs.error = ERR_NO_CLIENT;
         }
+    }
+
+    fn invalidate_atc(&self, invalidation: &AtcInvalidation) -> InvalidationFuture {
+        let mut st = lock(&self.state);
+        let entries_removed = st.atc.invalidate(invalidation);
+        st.atc_epoch = st.atc_epoch.wrapping_add(1);
+        st.counters.invalidations += 1;
+        // The running command may hold a translation the invalidation removed (or be about to
+        // cache one): the completion waits until it has ended.
+        let running = st.job.as_ref().filter(|job| {
+            job.ats.as_ref().is_some_and(|f| {
+                f.ranges
+                    .iter()
+                    .any(|&(first, last)| invalidation.hits(f.pasid, true, first, last))
+            }) && !job.stopped.is_done()
+        });
+        let wait = running.map(|job| Arc::clone(&job.stopped));
+        drop(st);
+        let name = self.name.clone();
+        Box::pin(async move {
+            let waited_for_dma = wait.is_some();
+            if let Some(stopped) = wait {
+                if tokio::time::timeout(INVALIDATION_WAIT, stopped.ended())
+                    .await
+                    .is_err()
+                {
+                    tracing::error!(device = %name, "a command using invalidated translations did not end within 5 s");
+                }
+            }
+            AtcInvalidationCompletion {
+                entries_removed,
+                waited_for_dma,
+            }
+        })
+    }
+
+    fn ats_counters(&self) -> Option<AtcCounters> {
+        let st = lock(&self.state);
+        st.view.controls().ats.map(|_| AtcCounters {
+            entries: st.atc.len() as u64,
+            ..st.counters
+        })
     }
 }
 
@@ -1153,5 +1569,174 @@ mod policy_tests {
             "device demo0: ats=on but the IOMMU reports ATS not supported (iommu.ats_supported=false); use ats=auto or ats=off"
         );
         assert!(plan(&request).is_err(), "plan agrees with new");
+    }
+}
+
+#[cfg(test)]
+mod ats_tests {
+    use super::*;
+    use crate::dma::{DmaBacking, DmaProt, DmaRegion, MessageDmaRequest};
+    use crate::viommu::ats::{AtsRange, TranslatedSpace, TranslationFuture, TranslationRequest};
+    use std::task::{Context, Poll, Waker};
+
+    const RW: DmaProt = DmaProt {
+        read: true,
+        write: true,
+    };
+
+    /// Translates 4 KiB pages to the map table's own addresses, PASID p shifted by p * 64 KiB,
+    /// so that where a command lands shows which PASID it was translated for.
+    #[derive(Debug)]
+    struct PasidShift;
+
+    impl TranslationSource for PasidShift {
+        fn translate(&self, r: &TranslationRequest) -> TranslationFuture<'_> {
+            let base = r.address & !0xfff;
+            let shift = r.pasid.map_or(0, |p| u64::from(p.get()) << 16);
+            let range = AtsRange::new(base, 12).unwrap();
+            Box::pin(std::future::ready(Ok(vec![TranslationCompletion {
+                translated: base + shift,
+                read: true,
+                write: !r.no_write,
+                ..TranslationCompletion::hole(range)
+            }])))
+        }
+
+        fn translated_space(&self) -> TranslatedSpace {
+            TranslatedSpace::MapTable
+        }
+    }
+
+    fn bar0(d: &AtsDma, offset: u64) -> u32 {
+        let mut b = [0u8; 4];
+        d.region_read(0, offset, &mut b).unwrap();
+        u32::from_le_bytes(b)
+    }
+
+    fn w(d: &AtsDma, offset: u64, v: u32) {
+        d.region_write(0, offset, &v.to_le_bytes()).unwrap();
+    }
+
+    async fn idle(d: &AtsDma) -> (u32, u32) {
+        for _ in 0..10_000 {
+            if bar0(d, STATUS) != STATUS_BUSY {
+                return (bar0(d, STATUS), bar0(d, ERROR));
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("the command did not finish");
+    }
+
+    fn enable_ats_and_pasid(d: &AtsDma) {
+        d.region_write(region::CONFIG, 0x106, &[0x00, 0x80])
+            .unwrap();
+        d.region_write(region::CONFIG, 0x10e, &[0x01, 0x00])
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_atc_caches_per_pasid_and_invalidates_by_pasid() {
+        let d = AtsDma::new(&PolicyRequest::new("t")).unwrap();
+        let ram = memfd_create(c"t", MemFdCreateFlag::MFD_CLOEXEC).unwrap();
+        nix::unistd::ftruncate(&ram, 0x4_0000).unwrap();
+        let memory = Arc::new(GuestMemory::new(8));
+        memory.with_table(|t| {
+            let region = t.map_fd(0, 0x4_0000, RW, &ram, 0).unwrap();
+            t.insert(region).unwrap();
+        });
+        d.attach(memory);
+        d.set_translation_source(Arc::new(PasidShift));
+        enable_ats_and_pasid(&d);
+        for pasid in [1u32, 2] {
+            w(&d, PASID, PASID_VALID | pasid);
+            w(&d, DST_LO, 0x1000);
+            w(&d, LEN, 16);
+            w(&d, PATTERN, 0x1111_1111 * pasid);
+            w(&d, CMD, OP_FILL);
+            assert_eq!(idle(&d).await, (STATUS_DONE, ERR_NONE));
+            let mut got = [0u8; 16];
+            nix::sys::uio::pread(&ram, &mut got, 0x1000 + (i64::from(pasid) << 16)).unwrap();
+            assert_eq!(got, [0x11 * pasid as u8; 16], "PASID {pasid}'s translation");
+        }
+        assert_eq!(bar0(&d, ATC_ENTRIES), 2, "one entry per PASID");
+        assert_eq!((bar0(&d, ATC_MISSES), bar0(&d, ATC_HITS)), (2, 0));
+        // PASID 1 again: a hit, and still PASID 1's page.
+        w(&d, PASID, PASID_VALID | 1);
+        w(&d, CMD, OP_FILL);
+        assert_eq!(idle(&d).await, (STATUS_DONE, ERR_NONE));
+        assert_eq!(bar0(&d, ATC_HITS), 1);
+        // An invalidation for PASID 2 leaves PASID 1's entry.
+        let two = AtcInvalidation {
+            pasid: Pasid::new(2).ok(),
+            global: false,
+            ..AtcInvalidation::all(RequesterId(0))
+        };
+        let done = d.invalidate_atc(&two).await;
+        assert_eq!(done.entries_removed, 1);
+        assert!(!done.waited_for_dma, "nothing was running");
+        assert_eq!(bar0(&d, ATC_ENTRIES), 1);
+        assert_eq!(d.ats_counters().unwrap().invalidations, 1);
+        // PASID Enable off: the PASID register is ignored, requests go without PASID.
+        d.region_write(region::CONFIG, 0x10e, &[0x00, 0x00])
+            .unwrap();
+        w(&d, PATTERN, 0x7777_7777);
+        w(&d, CMD, OP_FILL);
+        assert_eq!(idle(&d).await, (STATUS_DONE, ERR_NONE));
+        let mut got = [0u8; 16];
+        nix::sys::uio::pread(&ram, &mut got, 0x1000).unwrap();
+        assert_eq!(got, [0x77; 16]);
+        // ATS off: the ATC is emptied and DMA is untranslated again.
+        d.region_write(region::CONFIG, 0x106, &[0x00, 0x00])
+            .unwrap();
+        w(&d, CMD, OP_FILL);
+        assert_eq!(idle(&d).await, (STATUS_DONE, ERR_NONE));
+        assert_eq!(bar0(&d, ATC_ENTRIES), 0);
+    }
+
+    #[tokio::test]
+    async fn an_invalidation_completes_only_after_the_command_using_it_ended() {
+        let d = AtsDma::new(&PolicyRequest::new("t")).unwrap();
+        let memory = Arc::new(GuestMemory::new(8));
+        memory
+            .with_table(|t| t.insert(DmaRegion::new(0x10_0000, 0x1000, RW, DmaBacking::Message)))
+            .unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        memory.set_message_port(Some((tx, 4096)));
+        d.attach(Arc::clone(&memory));
+        d.set_translation_source(Arc::new(PasidShift));
+        enable_ats_and_pasid(&d);
+        w(&d, SRC_LO, 0x10_0000);
+        w(&d, LEN, 16);
+        w(&d, CMD, OP_CHECKSUM);
+        // The command waits for the client's DMA_READ answer.
+        let Some(MessageDmaRequest::Read { reply, .. }) = rx.recv().await else {
+            panic!("expected a DMA_READ");
+        };
+        let mut invalidation = d.invalidate_atc(&AtcInvalidation::all(RequesterId(0)));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(
+            invalidation.as_mut().poll(&mut cx).is_pending(),
+            "the command still uses its translation"
+        );
+        assert_eq!(bar0(&d, COMPLETED), 0);
+        reply.send(Ok(vec![7; 16])).unwrap();
+        let done = invalidation.await;
+        assert!(done.waited_for_dma);
+        assert_eq!(
+            bar0(&d, COMPLETED),
+            1,
+            "the command ended before the completion"
+        );
+        assert_eq!((bar0(&d, STATUS), bar0(&d, ERROR)), (STATUS_DONE, ERR_NONE));
+        assert_eq!(bar0(&d, RESULT), crc32fast::hash(&[7; 16]));
+        // An invalidation that misses the command's ranges does not wait for it.
+        w(&d, CMD, OP_CHECKSUM);
+        let _pending = rx.recv().await.unwrap();
+        let elsewhere = AtcInvalidation::range(
+            RequesterId(0),
+            crate::viommu::ats::InvalidationRange::new(0x20_0000, 0x1000),
+        );
+        let mut other = d.invalidate_atc(&elsewhere);
+        assert!(matches!(other.as_mut().poll(&mut cx), Poll::Ready(c) if !c.waited_for_dma));
     }
 }
