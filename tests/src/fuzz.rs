@@ -248,12 +248,12 @@ fn model_ops(input: &mut Input<'_>, window: u64) -> Vec<ModelOp> {
         let pasid = (flags & 1 != 0).then(|| u64_le(input, 3) as u32 & 0xf_ffff);
         ops.push(match op % 7 {
             0 => ModelOp::Write {
-                offset: u64_le(input, 2) % window & !3,
+                offset: (u64_le(input, 2) % window) & !3,
                 value: u64_le(input, 8),
                 wide: flags & 2 != 0,
             },
             1 => ModelOp::Read {
-                offset: u64_le(input, 2) % window & !3,
+                offset: (u64_le(input, 2) % window) & !3,
                 wide: flags & 2 != 0,
             },
             2 => ModelOp::Dma {
