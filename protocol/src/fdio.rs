@@ -7,6 +7,7 @@
 //! so the message cannot be served faithfully, but its bytes were consumed and the stream stays
 //! in sync; the reader rejects that one message.
 
+use std::cell::RefCell;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
@@ -19,6 +20,14 @@ pub const MAX_FDS_PER_MESSAGE: usize = 1024;
 /// always sized for it, so the kernel never truncates (truncated fds would be installed in our
 /// table but unreachable, i.e. leaked); a message over our own limit is refused after receipt.
 const SCM_MAX_FD: usize = 253;
+
+thread_local! {
+    /// The control-message buffer of [`recv_with_fds`], one per thread and allocated once: it
+    /// is sized for [`SCM_MAX_FD`] fds, and allocating that on every read would put a heap
+    /// allocation on every message. `recvmsg` uses its capacity, not its contents.
+    static CMSG_BUFFER: RefCell<Vec<u8>> =
+        RefCell::new(vec![0u8; nix::sys::socket::cmsg_space::<RawFd>() * SCM_MAX_FD + 64]);
+}
 
 /// Why a send or receive failed.
 #[derive(Debug, thiserror::Error)]
@@ -46,38 +55,39 @@ pub fn recv_with_fds(
     max_fds: usize,
 ) -> Result<Received, FdIoError> {
     let max_fds = max_fds.min(MAX_FDS_PER_MESSAGE);
-    let mut cmsg = vec![0u8; nix::sys::socket::cmsg_space::<RawFd>() * SCM_MAX_FD + 64];
-    let mut iov = [IoSliceMut::new(buf)];
-    let msg = socket::recvmsg::<()>(
-        sock.as_raw_fd(),
-        &mut iov,
-        Some(&mut cmsg),
-        MsgFlags::MSG_CMSG_CLOEXEC,
-    )
-    .map_err(|e| FdIoError::Socket(io::Error::from(e)))?;
-    let bytes = msg.bytes;
-    let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
-    let mut received = 0usize;
-    for c in msg
-        .cmsgs()
-        .map_err(|e| FdIoError::Socket(io::Error::from(e)))?
-    {
-        if let ControlMessageOwned::ScmRights(raw) = c {
-            for fd in raw {
-                // SAFETY: the kernel just installed `fd` in our table for this SCM_RIGHTS message;
-                // nothing else refers to it, so taking sole ownership is sound.
-                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
-                received += 1;
+    CMSG_BUFFER.with_borrow_mut(|cmsg| {
+        let mut iov = [IoSliceMut::new(buf)];
+        let msg = socket::recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .map_err(|e| FdIoError::Socket(io::Error::from(e)))?;
+        let bytes = msg.bytes;
+        let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+        let mut received = 0usize;
+        for c in msg
+            .cmsgs()
+            .map_err(|e| FdIoError::Socket(io::Error::from(e)))?
+        {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                for fd in raw {
+                    // SAFETY: the kernel just installed `fd` in our table for this SCM_RIGHTS
+                    // message; nothing else refers to it, so taking sole ownership is sound.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                    received += 1;
+                }
             }
         }
-    }
-    let fds_truncated = truncated || received > max_fds;
-    if fds_truncated {
-        fds.clear();
-    }
-    Ok(Received {
-        bytes,
-        fds_truncated,
+        let fds_truncated = truncated || received > max_fds;
+        if fds_truncated {
+            fds.clear();
+        }
+        Ok(Received {
+            bytes,
+            fds_truncated,
+        })
     })
 }
 

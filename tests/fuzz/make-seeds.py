@@ -89,3 +89,33 @@ out("config_json", "iommu-block", cfg({"type": "emulated", "model": "ats-dma",
 out("config_json", "pasid-placement", cfg({"type": "emulated", "model": "ats-dma",
                                             "pasid_cap_hidden": True, "pasid_cap_offset": 0x200}))
 out("config_json", "host", cfg({"type": "host", "pci": "0000:01:00.0", "iommufd": "/dev/iommu"}))
+
+# --- viommu_vtd / viommu_smmuv3: [props a][props b][fill/256][memory][ops] -----------------
+def op_write(off, value, wide=True):
+    return bytes([0, 2 if wide else 0]) + struct.pack("<HQ", off, value)
+
+def op_dma(sid, addr, write=False, pasid=None):
+    flags = (1 if pasid is not None else 0) | (4 if write else 0)
+    p = struct.pack("<I", pasid)[:3] if pasid is not None else b""
+    return bytes([2, flags]) + p + struct.pack("<HQ", sid, addr)
+
+def op_ats(sid, addr, length, pasid=None):
+    p = struct.pack("<I", pasid)[:3] if pasid is not None else b""
+    return bytes([3, 1 if pasid is not None else 0]) + p + struct.pack("<HQ", sid, addr) + struct.pack("<I", length)[:3]
+
+# Root table at 0x1000, invalidation queue at 0x8000, then the driver's enable order.
+vtd_ops = (op_write(0x20, 0x1000 | (1 << 11)) + op_write(0x18, 1 << 30, False)
+           + op_write(0x90, 0x8000 | (1 << 11)) + op_write(0x18, (1 << 30) | (1 << 26), False)
+           + op_write(0x88, 0x20) + bytes([6, 0])
+           + op_write(0x18, (1 << 31) | (1 << 26), False)
+           + op_dma(0x0008, 0x2000) + op_ats(0x0008, 0x2000, 0x1000, pasid=5) + bytes([4, 0, 5, 0]))
+out("viommu_vtd", "linux-order", bytes([0xfe, 0xf4, 0]) + vtd_ops)
+out("viommu_vtd", "legacy", bytes([0x11, 0x00, 0]) + vtd_ops)
+
+# Linear stream table at 0x1000 (log2size 4), command queue at 0x4000 (log2size 5), SMMUEN.
+smmu_ops = (op_write(0x80, 0x1000) + op_write(0x88, 4, False) + op_write(0x90, 0x4000 | 5)
+            + op_write(0x20, 0x8, False) + op_write(0x98, 1, False) + bytes([6, 0])
+            + op_write(0x20, 0x9, False)
+            + op_dma(1, 0x2000) + op_ats(1, 0x2000, 0x1000, pasid=5) + bytes([4, 0, 5, 0]))
+out("viommu_smmuv3", "linux-order", bytes([0x0f, 0x14, 0]) + smmu_ops)
+out("viommu_smmuv3", "stage2-only", bytes([0x02, 0x00, 0]) + smmu_ops)

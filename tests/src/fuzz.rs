@@ -192,3 +192,301 @@ pub fn config_json(data: &[u8]) -> bool {
         Err(_) => false,
     }
 }
+
+/// Operations the vIOMMU bodies decode from the input, after the model's properties and the
+/// initial guest memory.
+#[derive(Debug, Clone, Copy)]
+enum ModelOp {
+    Write {
+        offset: u64,
+        value: u64,
+        wide: bool,
+    },
+    Read {
+        offset: u64,
+        wide: bool,
+    },
+    Dma {
+        sid: u16,
+        pasid: Option<u32>,
+        addr: u64,
+        write: bool,
+        translated: bool,
+    },
+    Ats {
+        sid: u16,
+        pasid: Option<u32>,
+        addr: u64,
+        len: u64,
+        no_write: bool,
+    },
+    Ack,
+    Timeout,
+    Service,
+}
+
+/// Guest memory every model fuzz input starts from: `[0, GUEST_BYTES)`.
+const GUEST_BYTES: usize = 64 * 1024;
+/// Operations per input; each is bounded by the model, so the input is too.
+const MAX_OPS: usize = 512;
+
+fn u64_le(input: &mut Input<'_>, n: usize) -> u64 {
+    input
+        .take(n)
+        .iter()
+        .rev()
+        .fold(0u64, |acc, b| acc << 8 | u64::from(*b))
+}
+
+fn model_ops(input: &mut Input<'_>, window: u64) -> Vec<ModelOp> {
+    let mut ops = Vec::new();
+    while let Some(op) = input.byte() {
+        if ops.len() == MAX_OPS {
+            break;
+        }
+        let flags = input.byte().unwrap_or(0);
+        let pasid = (flags & 1 != 0).then(|| u64_le(input, 3) as u32 & 0xf_ffff);
+        ops.push(match op % 7 {
+            0 => ModelOp::Write {
+                offset: (u64_le(input, 2) % window) & !3,
+                value: u64_le(input, 8),
+                wide: flags & 2 != 0,
+            },
+            1 => ModelOp::Read {
+                offset: (u64_le(input, 2) % window) & !3,
+                wide: flags & 2 != 0,
+            },
+            2 => ModelOp::Dma {
+                sid: u64_le(input, 2) as u16,
+                pasid,
+                addr: u64_le(input, 8),
+                write: flags & 4 != 0,
+                translated: flags & 8 != 0,
+            },
+            3 => ModelOp::Ats {
+                sid: u64_le(input, 2) as u16,
+                pasid,
+                addr: u64_le(input, 8),
+                len: u64_le(input, 3),
+                no_write: flags & 4 != 0,
+            },
+            4 => ModelOp::Ack,
+            5 => ModelOp::Timeout,
+            _ => ModelOp::Service,
+        });
+    }
+    ops
+}
+
+fn guest_bytes(input: &mut Input<'_>) -> Vec<u8> {
+    // A length byte says how much of the window the input fills; the rest is zero.
+    let fill = usize::from(input.byte().unwrap_or(0)) * 256;
+    let mut bytes = input.take(fill).to_vec();
+    bytes.resize(GUEST_BYTES, 0);
+    bytes
+}
+
+/// The embedded VT-d model under random properties, guest memory, register writes, DMA,
+/// ATS requests, invalidation acknowledgements and timeouts. Returns whether the model was
+/// built and ran at least one operation.
+pub fn viommu_vtd(data: &[u8]) -> bool {
+    use vfud::viommu::vtd::{self, Vtd, VtdConfig, VtdEvent};
+    let mut input = Input(data);
+    let (Some(a), Some(b)) = (input.byte(), input.byte()) else {
+        return false;
+    };
+    let config = VtdConfig {
+        aw_bits: [39, 48, 57][usize::from(a % 3)],
+        scalable_mode: a & 4 != 0,
+        first_stage: a & 8 != 0,
+        second_stage: a & 16 != 0,
+        nested: a & 32 != 0,
+        pass_through: a & 64 != 0,
+        device_iotlb: a & 128 != 0,
+        pasid_bits: b % 21,
+        fs1gp: b & 32 != 0,
+        fs5lp: b & 64 != 0,
+        ss_2m: b & 128 != 0,
+        ..VtdConfig::default()
+    };
+    let Ok(mut model) = Vtd::new(config) else {
+        return false;
+    };
+    let mut mem = vtd::VecGuestMemory::from_bytes(0, guest_bytes(&mut input));
+    let ops = model_ops(&mut input, model.window_size());
+    let mut outstanding = Vec::new();
+    for op in &ops {
+        match *op {
+            ModelOp::Write {
+                offset,
+                value,
+                wide,
+            } => {
+                let bytes = value.to_le_bytes();
+                let _ = model.mmio_write(&mut mem, offset, &bytes[..if wide { 8 } else { 4 }]);
+            }
+            ModelOp::Read { offset, wide } => {
+                let mut buf = [0u8; 8];
+                let _ = model.mmio_read(offset, &mut buf[..if wide { 8 } else { 4 }]);
+            }
+            ModelOp::Dma {
+                sid,
+                pasid,
+                addr,
+                write,
+                translated,
+            } => {
+                let req = vtd::DmaRequest {
+                    sid,
+                    pasid,
+                    addr,
+                    write,
+                    privileged: false,
+                };
+                if translated {
+                    let _ = model.translated_dma(&mut mem, &req);
+                } else {
+                    let _ = model.translate_dma(&mut mem, &req);
+                }
+            }
+            ModelOp::Ats {
+                sid,
+                pasid,
+                addr,
+                len,
+                no_write,
+            } => {
+                let req = vtd::AtsRequest {
+                    sid,
+                    pasid,
+                    addr,
+                    len,
+                    no_write,
+                    exec: false,
+                    privileged: false,
+                    max_entries: 8,
+                    stu_log2: 12,
+                };
+                if let Ok(entries) = model.translation_request(&mut mem, &req) {
+                    assert!(entries.len() <= vtd::MAX_ATS_ENTRIES);
+                    for e in &entries {
+                        assert!(!(no_write && e.w), "W granted on a No-Write request");
+                    }
+                }
+            }
+            ModelOp::Ack => {
+                if let Some(tag) = outstanding.pop() {
+                    model.ack_atc_invalidation(&mut mem, tag);
+                }
+            }
+            ModelOp::Timeout => model.atc_invalidation_timeout(),
+            ModelOp::Service => model.service_queue(&mut mem),
+        }
+        for event in model.take_events() {
+            if let VtdEvent::InvalidateDeviceAtc(inv) = event {
+                outstanding.push(inv.tag);
+            }
+        }
+        assert!(outstanding.len() <= 4 * vtd::MAX_OUTSTANDING_ATC + MAX_OPS);
+    }
+    !ops.is_empty()
+}
+
+/// The embedded SMMUv3 model under random properties, guest memory, register writes, DMA,
+/// ATS requests, invalidation acknowledgements and timeouts. Returns whether the model was
+/// built and ran at least one operation.
+pub fn viommu_smmuv3(data: &[u8]) -> bool {
+    use vfud::viommu::smmuv3::{self, Smmuv3, Smmuv3Output, Smmuv3Properties};
+    let mut input = Input(data);
+    let (Some(a), Some(b)) = (input.byte(), input.byte()) else {
+        return false;
+    };
+    let props = Smmuv3Properties {
+        stage1: a & 1 != 0,
+        stage2: a & 2 != 0,
+        ats: a & 4 != 0,
+        ril: a & 8 != 0,
+        ssid_bits: b % 21,
+        ..Smmuv3Properties::default()
+    };
+    let Ok(mut model) = Smmuv3::new(props) else {
+        return false;
+    };
+    let mem = smmuv3::VecMemory::from_bytes(0, guest_bytes(&mut input));
+    let ops = model_ops(&mut input, smmuv3::REGISTER_WINDOW_SIZE);
+    let mut outstanding = Vec::new();
+    for op in &ops {
+        match *op {
+            ModelOp::Write {
+                offset,
+                value,
+                wide,
+            } => {
+                model.mmio_write(&mem, offset, if wide { 8 } else { 4 }, value);
+            }
+            ModelOp::Read { offset, wide } => {
+                model.mmio_read(offset, if wide { 8 } else { 4 });
+            }
+            ModelOp::Dma {
+                sid,
+                pasid,
+                addr,
+                write,
+                translated,
+            } => {
+                let req = smmuv3::DmaRequest {
+                    sid: u32::from(sid),
+                    ssid: pasid,
+                    address: addr,
+                    access: smmuv3::Access {
+                        write,
+                        ..Default::default()
+                    },
+                };
+                if translated {
+                    let _ = model.translated_dma(&mem, &req);
+                } else {
+                    let _ = model.translate_dma(&mem, &req);
+                }
+            }
+            ModelOp::Ats {
+                sid,
+                pasid,
+                addr,
+                len,
+                no_write,
+            } => {
+                let req = smmuv3::AtsRequest {
+                    sid: u32::from(sid),
+                    ssid: pasid,
+                    address: addr,
+                    length: len,
+                    no_write,
+                    exec: false,
+                    privileged: false,
+                };
+                if let Ok(entries) = model.translate_ats(&mem, &req, 8) {
+                    assert!(entries.len() <= smmuv3::MAX_ATS_ENTRIES);
+                }
+            }
+            ModelOp::Ack => {
+                if let Some(id) = outstanding.pop() {
+                    model.ack_atc_invalidation(&mem, id);
+                }
+            }
+            ModelOp::Timeout => {
+                model.atc_invalidation_timeout();
+            }
+            ModelOp::Service => {
+                model.process_commands(&mem);
+            }
+        }
+        for output in model.take_outputs() {
+            if let Smmuv3Output::AtcInvalidate(inv) = output {
+                outstanding.push(inv.id);
+            }
+        }
+        assert!(outstanding.len() <= smmuv3::MAX_OUTSTANDING_ATC_INVALIDATIONS + MAX_OPS);
+    }
+    !ops.is_empty()
+}

@@ -50,3 +50,13 @@ fn config_space_corpus() {
 fn config_json_corpus() {
     replay("config_json", fuzz::config_json);
 }
+
+#[test]
+fn viommu_vtd_corpus() {
+    replay("viommu_vtd", fuzz::viommu_vtd);
+}
+
+#[test]
+fn viommu_smmuv3_corpus() {
+    replay("viommu_smmuv3", fuzz::viommu_smmuv3);
+}

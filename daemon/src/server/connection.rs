@@ -1011,4 +1011,55 @@ mod tests {
             ]
         );
     }
+    /// Serves `messages` small REGION_READs and posted REGION_WRITEs on one connection, with the
+    /// whole server (reader and dispatcher) on one thread; returns the heap allocations that
+    /// thread made, connection setup and teardown included.
+    fn server_allocations(messages: usize) -> u64 {
+        use crate::device::emulated::ats_dma::regs::PATTERN;
+        use crate::device::emulated::AtsDma;
+        use crate::pci::PolicyRequest;
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let device: Arc<dyn Device> = Arc::new(AtsDma::new(&PolicyRequest::new("alloc")).unwrap());
+        let server = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            allocation_counter::measure(|| {
+                rt.block_on(async move {
+                    theirs.set_nonblocking(true).unwrap();
+                    let stream = UnixStream::from_std(theirs).unwrap();
+                    let (_tx, rx) = watch::channel(false);
+                    let stats = Arc::new(DeviceStats::new());
+                    serve("alloc", stream, device, &ServerLimits::default(), rx, stats).await;
+                })
+            })
+            .count_total
+        });
+        let mut c = Client::from_stream(ours, ClientOptions::default()).unwrap();
+        c.negotiate().unwrap();
+        for i in 0..messages {
+            // Config space (region 7) and a BAR0 register without side effects (PATTERN).
+            c.read_u32(7, 0).unwrap();
+            c.region_write_posted(0, PATTERN, &(i as u32).to_le_bytes())
+                .unwrap();
+        }
+        c.read_u32(0, PATTERN).unwrap();
+        drop(c);
+        server.join().unwrap()
+    }
+
+    #[test]
+    fn small_region_reads_and_writes_do_not_allocate_per_message() {
+        // The same connection twice, with 10,000 more messages the second time: whatever the
+        // difference is, it was spent on those messages.
+        let base = server_allocations(500);
+        let more = server_allocations(10_500);
+        let per_message = more.saturating_sub(base) as f64 / 20_000.0;
+        assert!(
+            per_message < 0.01,
+            "{per_message} heap allocations per small REGION_READ / REGION_WRITE \
+             ({base} for 1,000 messages, {more} for 21,000)"
+        );
+    }
 }

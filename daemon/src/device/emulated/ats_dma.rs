@@ -1096,9 +1096,18 @@ impl Device for AtsDma {
                     len,
                     size,
                 };
-                let mut own = vec![0u8; buf.len()];
-                st.config.read(offset, &mut own).map_err(range_error)?;
-                st.view.read(offset, &own, buf).map_err(range_error)?;
+                // The device's own bytes for the range; on the stack for the small accesses
+                // config cycles are, so they cost no allocation.
+                let mut small = [0u8; 64];
+                let mut large = Vec::new();
+                let own = if len <= small.len() {
+                    &mut small[..len]
+                } else {
+                    large.resize(len, 0);
+                    &mut large[..]
+                };
+                st.config.read(offset, own).map_err(range_error)?;
+                st.view.read(offset, own, buf).map_err(range_error)?;
             }
             _ => return Err(DeviceError::CheckRegion { index }),
         }
