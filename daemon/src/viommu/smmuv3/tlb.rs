@@ -3,7 +3,7 @@
 //! (a cache may drop entries at any time). Invalidation is conservative: a command may drop
 //! more than it names, never less.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use super::config::{Cd, Ste};
 use super::walk::Perms;
@@ -14,7 +14,7 @@ pub(crate) const TLB_CAPACITY: usize = 512;
 pub(crate) const CONFIG_CACHE_CAPACITY: usize = 1024;
 
 /// Which translation an entry holds, so stage-specific invalidations find their entries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum TlbKind {
     /// Stage 1 only: VA → PA.
     Stage1,
@@ -60,29 +60,99 @@ impl TlbEntry {
     }
 }
 
+/// Where an entry is found: the regime, the ASID (`None` for stage-2 and global entries, which
+/// match every ASID), the page size and the page number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct TlbKey {
+    kind: TlbKind,
+    vmid: u16,
+    asid: Option<u16>,
+    size_log2: u32,
+    page: u64,
+}
+
+impl TlbKey {
+    fn of(e: &TlbEntry) -> TlbKey {
+        TlbKey {
+            kind: e.kind,
+            vmid: e.vmid,
+            asid: (e.kind != TlbKind::Stage2 && !e.global).then_some(e.asid),
+            size_log2: e.size_log2,
+            page: e.in_base.checked_shr(e.size_log2).unwrap_or(0),
+        }
+    }
+}
+
+/// The TLB, indexed so a lookup costs one hash probe per page size in use (at most a few)
+/// instead of a scan of every entry.
 #[derive(Debug, Default)]
 pub(crate) struct Tlb {
-    entries: VecDeque<TlbEntry>,
+    entries: HashMap<TlbKey, TlbEntry>,
+    /// Insertion order, for first-in first-out eviction; may still name entries invalidated
+    /// since, which eviction skips. Compacted when it grows past a multiple of the capacity.
+    order: VecDeque<TlbKey>,
+    /// Entries per page size, so lookups probe only the sizes present.
+    sizes: BTreeMap<u32, usize>,
 }
 
 impl Tlb {
     pub fn lookup(&self, kind: TlbKind, vmid: u16, asid: u16, addr: u64) -> Option<TlbEntry> {
-        self.entries
-            .iter()
-            .find(|e| {
-                e.kind == kind
-                    && e.vmid == vmid
-                    && (kind == TlbKind::Stage2 || e.global || e.asid == asid)
-                    && addr >> e.size_log2 == e.in_base >> e.size_log2
+        let asids: &[Option<u16>] = if kind == TlbKind::Stage2 {
+            &[None]
+        } else {
+            &[Some(asid), None]
+        };
+        self.sizes.keys().find_map(|&size_log2| {
+            asids.iter().find_map(|&asid| {
+                let key = TlbKey {
+                    kind,
+                    vmid,
+                    asid,
+                    size_log2,
+                    page: addr.checked_shr(size_log2).unwrap_or(0),
+                };
+                self.entries.get(&key).copied()
             })
-            .copied()
+        })
     }
 
     pub fn insert(&mut self, entry: TlbEntry) {
-        if self.entries.len() >= TLB_CAPACITY {
-            self.entries.pop_front();
+        let key = TlbKey::of(&entry);
+        if self.entries.insert(key, entry).is_none() {
+            *self.sizes.entry(entry.size_log2).or_default() += 1;
+            self.order.push_back(key);
         }
-        self.entries.push_back(entry);
+        while self.entries.len() > TLB_CAPACITY {
+            let Some(oldest) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(gone) = self.entries.remove(&oldest) {
+                self.forget_size(gone.size_log2);
+            }
+        }
+        if self.order.len() > 4 * TLB_CAPACITY {
+            let entries = &self.entries;
+            self.order.retain(|k| entries.contains_key(k));
+        }
+    }
+
+    fn forget_size(&mut self, size_log2: u32) {
+        if let Some(n) = self.sizes.get_mut(&size_log2) {
+            *n -= 1;
+            if *n == 0 {
+                self.sizes.remove(&size_log2);
+            }
+        }
+    }
+
+    /// Keeps the entries `keep` accepts; invalidations are rare next to lookups, so the size
+    /// census is simply recounted.
+    fn retain(&mut self, mut keep: impl FnMut(&TlbEntry) -> bool) {
+        self.entries.retain(|_, e| keep(e));
+        self.sizes.clear();
+        for e in self.entries.values() {
+            *self.sizes.entry(e.size_log2).or_default() += 1;
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -91,24 +161,24 @@ impl Tlb {
 
     pub fn clear(&mut self) {
         self.entries.clear();
+        self.order.clear();
+        self.sizes.clear();
     }
 
     /// TLBI_NH_ALL: every stage-1 (and nested) entry of `vmid`.
     pub fn invalidate_nh_all(&mut self, vmid: u16) {
-        self.entries
-            .retain(|e| !(e.kind.has_stage1() && e.vmid == vmid));
+        self.retain(|e| !(e.kind.has_stage1() && e.vmid == vmid));
     }
 
     /// TLBI_NH_ASID: non-global stage-1 entries of `vmid`/`asid`.
     pub fn invalidate_nh_asid(&mut self, vmid: u16, asid: u16) {
-        self.entries
-            .retain(|e| !(e.kind.has_stage1() && e.vmid == vmid && !e.global && e.asid == asid));
+        self.retain(|e| !(e.kind.has_stage1() && e.vmid == vmid && !e.global && e.asid == asid));
     }
 
     /// TLBI_NH_VA (`asid` = Some) / TLBI_NH_VAA (`asid` = None): stage-1 entries overlapping
     /// `[start, end)`; NH_VA also hits global entries.
     pub fn invalidate_nh_va(&mut self, vmid: u16, asid: Option<u16>, start: u64, end: u64) {
-        self.entries.retain(|e| {
+        self.retain(|e| {
             let hit = e.kind.has_stage1()
                 && e.vmid == vmid
                 && asid.is_none_or(|a| e.global || e.asid == a)
@@ -119,13 +189,13 @@ impl Tlb {
 
     /// TLBI_S12_VMALL: everything of `vmid`.
     pub fn invalidate_vmid(&mut self, vmid: u16) {
-        self.entries.retain(|e| e.vmid != vmid);
+        self.retain(|e| e.vmid != vmid);
     }
 
     /// TLBI_S2_IPA: stage-2 entries overlapping `[start, end)`; combined entries of the VMID
     /// are dropped too since their IPA is not recorded.
     pub fn invalidate_s2_ipa(&mut self, vmid: u16, start: u64, end: u64) {
-        self.entries.retain(|e| {
+        self.retain(|e| {
             let hit = e.vmid == vmid
                 && e.kind.has_stage2()
                 && (e.kind == TlbKind::Nested || e.overlaps(start, end));

@@ -5,7 +5,9 @@
 //! (it uses `$VFUD_BIN`, else the `vfud` next to itself). `--quick` shrinks every measurement
 //! so CI can check that the benchmark still runs; its numbers are not meant to be read.
 
+mod ats;
 mod floor;
+mod models;
 mod stats;
 mod wire;
 
@@ -19,21 +21,22 @@ use vfud_tests::{ats_dma, Daemon, GuestRam};
 use stats::Samples;
 use wire::RawConnection;
 
-const ATS_DMA: &str = r#"{"type":"emulated","model":"ats-dma"}"#;
+pub(crate) const ATS_DMA: &str = r#"{"type":"emulated","model":"ats-dma"}"#;
 const CONFIG_REGION: u32 = 7;
 const BAR0: u32 = 0;
-const PAGE: u64 = 4096;
+pub(crate) const PAGE: u64 = 4096;
 
 /// How much work each measurement does.
 #[derive(Debug, Clone, Copy)]
-struct Sizes {
-    warmup: usize,
-    round_trips: usize,
-    posted: usize,
-    churn_pairs: usize,
-    live_maps: &'static [usize],
-    scale_devices: usize,
-    scale_clients: usize,
+pub(crate) struct Sizes {
+    pub(crate) warmup: usize,
+    pub(crate) round_trips: usize,
+    pub(crate) posted: usize,
+    pub(crate) churn_pairs: usize,
+    pub(crate) live_maps: &'static [usize],
+    pub(crate) scale_devices: usize,
+    pub(crate) scale_clients: usize,
+    pub(crate) ats_runs: usize,
 }
 
 const FULL: Sizes = Sizes {
@@ -44,6 +47,7 @@ const FULL: Sizes = Sizes {
     live_maps: &[10, 1_000, 65_535],
     scale_devices: 256,
     scale_clients: 8,
+    ats_runs: 41,
 };
 
 const QUICK: Sizes = Sizes {
@@ -54,15 +58,16 @@ const QUICK: Sizes = Sizes {
     live_maps: &[10, 1_000],
     scale_devices: 16,
     scale_clients: 4,
+    ats_runs: 3,
 };
 
 /// One reported figure.
-struct Row {
-    name: String,
-    value: f64,
-    unit: &'static str,
-    baseline: Option<(String, f64)>,
-    p99: Option<(f64, f64)>,
+pub(crate) struct Row {
+    pub(crate) name: String,
+    pub(crate) value: f64,
+    pub(crate) unit: &'static str,
+    pub(crate) baseline: Option<(String, f64)>,
+    pub(crate) p99: Option<(f64, f64)>,
 }
 
 impl Row {
@@ -79,6 +84,9 @@ fn main() {
 
     round_trips(&sizes, &mut rows);
     dma_churn(&sizes, &mut rows);
+    ats::shadow(&sizes, &mut rows);
+    models::vtd(&sizes, &mut rows);
+    models::smmuv3(&sizes, &mut rows);
     scale(&sizes, &mut rows);
     idle_memory(&mut rows);
 
