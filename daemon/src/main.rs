@@ -109,6 +109,13 @@ async fn serve(configs: Vec<DeviceConfig>) -> anyhow::Result<()> {
     for (cfg, server) in &servers {
         let model = match &cfg.device {
             vfu_config::DeviceSpec::Emulated(_) => "emulated ats-dma".to_string(),
+            vfu_config::DeviceSpec::Host(h) => format!(
+                "host {}",
+                h.pci
+                    .clone()
+                    .or_else(|| h.cdev.as_ref().map(|p| p.display().to_string()))
+                    .unwrap_or_default()
+            ),
         };
         tracing::info!(device = %cfg.name, socket = %server.socket().display(), %model, "listening");
         tracing::info!(
@@ -187,6 +194,11 @@ fn check_config(paths: &[PathBuf]) -> ExitCode {
                 for decision in decisions.iter() {
                     println!("{}: {decision}", c.name);
                 }
+            }
+            // Valid; the policy needs the device itself and is decided when it is opened.
+            Err(e @ vfud::device::CreateDeviceError::ResolveHost { .. }) => {
+                println!("ok: {} -> {}", c.name, c.socket.display());
+                println!("{}: {e}", c.name);
             }
             Err(e) => {
                 problems += 1;

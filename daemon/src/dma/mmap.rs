@@ -10,9 +10,10 @@
 //! file type (hugetlbfs refuses `pwrite`), and no Rust reference into the mapping ever exists.
 //!
 //! One [`MappedFile`] maps a whole backing file once per connection ([`MappingCache`]); each
-//! DMA_MAP is a [`MappedRegion`] view into it. This bounds the mappings (and holds no fds at all:
-//! the mapping keeps the file alive) however many DMA_MAPs a client sends, so one client cannot
-//! exhaust the process's fd table or map count and take the other devices down.
+//! DMA_MAP is a [`MappedRegion`] view into it. This bounds the mappings, and the fds: each
+//! mapped file keeps one duplicate of the client's fd, so a host device can hand the file to
+//! IOMMU_IOAS_MAP_FILE; however many DMA_MAPs a client sends, it cannot exhaust the process's
+//! fd table or map count and take the other devices down.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -154,6 +155,8 @@ pub struct MappedFile {
     map_len: usize,
     file_start: u64,
     writable: bool,
+    /// A duplicate of the mapped fd (None if duplicating failed: the fd table is full).
+    fd: Option<std::os::fd::OwnedFd>,
 }
 
 // SAFETY: `MappedFile` exclusively owns its mapping (only `Drop` unmaps it) and the address is
@@ -216,6 +219,7 @@ impl MappedFile {
                         map_len: map_len.get(),
                         file_start,
                         writable,
+                        fd: fd.try_clone_to_owned().ok(),
                     })
                 }
                 // A read-only fd refuses a writable shared mapping; retry read-only.
@@ -389,6 +393,19 @@ impl MappedRegion {
             len,
             prot,
         })
+    }
+
+    /// The backing file and the file offset of the region's first byte, for a host device
+    /// that maps the file into its IOMMU (IOMMU_IOAS_MAP_FILE); None if no fd was kept.
+    pub fn backing_file(&self) -> Option<(BorrowedFd<'_>, u64)> {
+        self.file.fd.as_ref().map(|fd| (fd.as_fd(), self.offset))
+    }
+
+    /// The address of the region's first byte in this process: the mapping lives as long as
+    /// `self`, so a host device may have the kernel pin it (IOMMU_IOAS_MAP) until it unmaps
+    /// the region. Never dereferenced here.
+    pub fn user_address(&self) -> u64 {
+        self.file.address(self.offset) as u64
     }
 
     /// Length in bytes of the region (the `len` it was mapped with).
