@@ -4,7 +4,7 @@
 #
 #   tests/vm/guest-kernel.sh ROOT
 #
-# ROOT is a chroot made by `chroot.sh linux-source-7.2 make gcc ...` (see KERNEL_CHROOT_PACKAGES
+# ROOT is a chroot made by `chroot.sh linux-source-7.2 make gcc ...` (see VFUD_KERNEL_CHROOT_PACKAGES
 # in tests/scripts/run-all). Debian's own kernels leave CONFIG_IOMMUFD unset, so the tier builds
 # one from Debian's linux-source package: `make tinyconfig`, the fragment below merged in,
 # `make olddefconfig`, `make bzImage`. About 5 minutes on 2 idle cores.
