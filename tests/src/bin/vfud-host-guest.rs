@@ -17,7 +17,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
-use vfu_protocol::client::Client;
+use vfu_protocol::client::{Client, ClientOptions};
 use vfu_protocol::wire;
 
 /// PCI region index of config space.
@@ -56,7 +56,12 @@ impl Checks {
 fn connect(socket: &Path) -> Result<Client, String> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        match Client::connect(socket) {
+        // A generous reply timeout: the guest runs under TCG on a loaded machine.
+        let opts = ClientOptions {
+            timeout: Duration::from_secs(60),
+            ..ClientOptions::default()
+        };
+        match Client::connect_raw(socket, opts) {
             Ok(mut c) => {
                 c.negotiate().map_err(|e| format!("negotiate: {e}"))?;
                 return Ok(c);

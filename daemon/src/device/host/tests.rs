@@ -551,3 +551,75 @@ fn locate_finds_the_cdev_and_open_explains_missing_iommufd() {
         "{e}"
     );
 }
+
+/// The whole server path: a DMA_MAP the kernel cannot pin gets an error reply with ENOMEM,
+/// the connection and the daemon live on, and the next map (limit raised) succeeds.
+#[test]
+fn a_failed_pin_is_an_error_reply_and_the_server_keeps_serving() {
+    use crate::server::DeviceServer;
+    use vfu_protocol::client::Client;
+    use vfu_protocol::negotiate::ServerLimits;
+
+    let kernel = FakeKernel::new(FakeState {
+        fail_map_file: Some(Errno::ENOMEM),
+        ..Default::default()
+    });
+    let device =
+        HostPciDevice::with_kernel(&config(AUTO), "0000:01:00.0", Box::new(kernel.clone()))
+            .expect("device");
+    let dir = std::env::temp_dir().join(format!("vfud-host-server-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("nic0.sock");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let server = runtime
+        .block_on(async {
+            DeviceServer::bind(
+                "nic0",
+                &socket,
+                std::sync::Arc::new(device),
+                ServerLimits::default(),
+            )
+        })
+        .expect("bind");
+    let serving = runtime.spawn(server.serve(stopped));
+
+    let mut c = Client::connect(&socket).expect("connect and negotiate");
+    let memfd = memfd_create(c"vfud-host-server", MemFdCreateFlag::MFD_CLOEXEC).expect("memfd");
+    nix::unistd::ftruncate(&memfd, 0x10000).expect("size");
+    let rw = wire::DMA_MAP_FLAG_READ | wire::DMA_MAP_FLAG_WRITE;
+    let e = c
+        .dma_map(
+            0x10_0000,
+            0x10000,
+            rw,
+            Some((std::os::fd::AsFd::as_fd(&memfd), 0)),
+        )
+        .expect_err("pinning fails");
+    assert_eq!(e.server_errno(), Some(Errno::ENOMEM), "{e}");
+    // The map was rolled back: the same range maps once the limit is raised.
+    assert_eq!(c.device_info().expect("still serving").num_regions, 9);
+    kernel.state.lock().unwrap().fail_map_file = None;
+    c.dma_map(
+        0x10_0000,
+        0x10000,
+        rw,
+        Some((std::os::fd::AsFd::as_fd(&memfd), 0)),
+    )
+    .expect("map after the limit was raised");
+    c.dma_unmap(0x10_0000, 0x10000, 0).expect("unmap");
+    assert_eq!(
+        kernel.state.lock().unwrap().unmaps,
+        vec![(0x10_0000, 0x10000)],
+        "unmapped from the IOAS before the reply"
+    );
+    drop(c);
+    stop.send(true).expect("stop");
+    runtime.block_on(serving).expect("server task");
+    let _ = std::fs::remove_dir_all(&dir);
+}
