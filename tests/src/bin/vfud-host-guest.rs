@@ -31,6 +31,8 @@ const VIRTIO_F_VERSION_1_HIGH: u32 = 1 << 0;
 const VIRTIO_NET_F_MAC: u32 = 1 << 5;
 /// The IOMMU's interrupt window on x86: reserved in every IOAS a device is attached to.
 const X86_MSI_WINDOW: u64 = 0xfee0_0000;
+/// An ordinary IOVA for the control map of the same page.
+const CONTROL_IOVA: u64 = 0x300_0000;
 
 struct Checks {
     tag: String,
@@ -67,8 +69,25 @@ fn connect(socket: &Path) -> Result<Client, String> {
                 return Ok(c);
             }
             Err(e) if Instant::now() > deadline => return Err(format!("connect: {e}")),
+            Err(e) if server_exited() => return Err(format!("connect: {e}; vfud exited")),
             Err(_) => std::thread::sleep(Duration::from_millis(200)),
         }
+    }
+}
+
+/// Whether the vfud named by `$VFUD_PID` has exited (gone, or a zombie), so waiting for its
+/// socket is pointless.
+fn server_exited() -> bool {
+    let Some(pid) = std::env::var_os("VFUD_PID") else {
+        return false;
+    };
+    let stat = std::fs::read_to_string(Path::new("/proc").join(pid).join("stat"));
+    match stat {
+        Ok(s) => s
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => true,
     }
 }
 
@@ -228,6 +247,11 @@ fn full_checks(checks: &mut Checks, mut client: Client, config: &[u8], socket: &
             Ok(()) => return Err("an overlapping DMA_MAP was accepted".into()),
             Err(e) => e.server_errno().map_or(format!("{e}"), |n| n.to_string()),
         };
+        // The same page at an ordinary IOVA maps: only the IOVA differs in the next map.
+        c.dma_map(CONTROL_IOVA, 0x1000, rw, Some((memfd.as_fd(), size)))
+            .map_err(|e| format!("DMA_MAP of one page at {CONTROL_IOVA:#x}: {e}"))?;
+        c.dma_unmap(CONTROL_IOVA, 0x1000, 0)
+            .map_err(|e| format!("DMA_UNMAP at {CONTROL_IOVA:#x}: {e}"))?;
         let reserved = c.dma_map(X86_MSI_WINDOW, 0x1000, rw, Some((memfd.as_fd(), size)));
         let reserved_errno = match reserved {
             Ok(()) => return Err(format!("DMA_MAP at {X86_MSI_WINDOW:#x} (the IOMMU's reserved interrupt window) was accepted: the map did not reach the IOAS")),

@@ -122,7 +122,8 @@ fn bind_hint(errno: Errno) -> &'static str {
     match errno {
         Errno::EBUSY => "; the device is in use (another vfud, a VMM, or a legacy /dev/vfio group user holds it): stop that user first",
         Errno::ENOTTY | Errno::EINVAL => "; the kernel does not support binding VFIO devices to iommufd: it needs CONFIG_IOMMUFD and CONFIG_VFIO_DEVICE_CDEV",
-        Errno::EPERM | Errno::EACCES => "; run vfud with access to /dev/iommu and the device's /dev/vfio/devices node",
+        Errno::EPERM => "; the platform cannot isolate the device's MSI interrupts (no interrupt remapping): enable interrupt remapping (e.g. intel_iommu=on with a VT-d that has it), or, if this host's interrupts are trusted, boot with iommufd.allow_unsafe_interrupts=1",
+        Errno::EACCES => "; run vfud with access to /dev/iommu and the device's /dev/vfio/devices node",
         _ => "",
     }
 }
