@@ -355,6 +355,12 @@ fn dma_maps_of_a_memfd_land_in_the_ioas_and_unmap_succeeds() {
     }
     if !log
         .iter()
+        .any(|l| l.contains("DMA map mirrored into the IOAS") && l.contains("0x3000000"))
+    {
+        g.fail("vfud did not mirror the control map of the page at 0x3000000");
+    }
+    if !log
+        .iter()
         .any(|l| l.contains("0xfee00000") && l.contains("failed"))
     {
         g.fail("vfud did not log the kernel refusing a map of the interrupt window");

@@ -259,7 +259,7 @@ fn full_checks(checks: &mut Checks, mut client: Client, config: &[u8], socket: &
         };
         c.dma_unmap(0x100_0000, size, 0)
             .map_err(|e| format!("DMA_UNMAP: {e}"))?;
-        Ok(format!("mapped+unmapped 0x1000000; overlap refused ({overlap_errno}); interrupt window refused by the kernel ({reserved_errno})"))
+        Ok(format!("mapped+unmapped 0x1000000; overlap refused ({overlap_errno}); a page that maps at {CONTROL_IOVA:#x} is refused by the kernel at the interrupt window {X86_MSI_WINDOW:#x} ({reserved_errno})"))
     })();
     checks.check("dma-ioas", dma);
 

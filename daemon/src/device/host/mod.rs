@@ -586,7 +586,7 @@ fn map_hint(errno: Errno) -> &'static str {
     match errno {
         Errno::ENOMEM | Errno::EPERM => "the kernel could not pin the guest memory: raise vfud's locked-memory limit (RLIMIT_MEMLOCK; LimitMEMLOCK= in the systemd unit, e.g. LimitMEMLOCK=infinity) to cover guest RAM, or grant CAP_IPC_LOCK",
         Errno::EEXIST | Errno::EADDRINUSE => "the IOVA range is already mapped or reserved by the host IOMMU (e.g. the interrupt window)",
-        Errno::EINVAL => "the kernel refused the range (alignment, or an IOVA outside the IOMMU's aperture)",
+        Errno::EINVAL => "the kernel refused the range (misaligned, or it overlaps an IOVA range the host IOMMU reserves, e.g. the interrupt window)",
         _ => "the kernel refused the map",
     }
 }
