@@ -732,8 +732,9 @@ impl Device for HostPciDevice {
     }
 
     fn attach(&self, memory: Arc<GuestMemory>) {
-        // The device reaches guest memory through the IOAS, fed by dma_mapped.
-        drop(memory);
+        // The device reaches guest memory through the IOAS, fed by dma_mapped, which hands the
+        // client's files to IOMMU_IOAS_MAP_FILE: the table must keep them.
+        memory.with_table(|t| t.set_keep_backing_files(true));
     }
 
     fn detach(&self) {
@@ -769,28 +770,38 @@ impl Device for HostPciDevice {
             return Ok(());
         };
         let flags = iommufd_sys::map_flags(region.prot.read, region.prot.write);
-        let mut result = Err(Errno::ENOTTY);
-        let mut how = "IOMMU_IOAS_MAP_FILE";
-        if !self.map_file_unsupported.load(Ordering::Relaxed) {
-            if let Some((fd, start)) = mapped.backing_file() {
-                result =
-                    self.kernel
-                        .map_file(self.ioas_id, fd, start, region.size, region.iova, flags);
-            }
-        }
-        if let Err(errno @ (Errno::ENOTTY | Errno::EOPNOTSUPP | Errno::EBADF)) = result {
-            if errno == Errno::ENOTTY {
-                self.map_file_unsupported.store(true, Ordering::Relaxed);
-            }
-            how = "IOMMU_IOAS_MAP";
-            result = self.kernel.map_user(
+        let by_address = || {
+            self.kernel.map_user(
                 self.ioas_id,
                 mapped.user_address(),
                 region.size,
                 region.iova,
                 flags,
-            );
-        }
+            )
+        };
+        let file = if self.map_file_unsupported.load(Ordering::Relaxed) {
+            None
+        } else {
+            mapped.backing_file()
+        };
+        let (how, result) = match file {
+            Some((fd, start)) => {
+                match self
+                    .kernel
+                    .map_file(self.ioas_id, fd, start, region.size, region.iova, flags)
+                {
+                    // A kernel before 6.13 (no MAP_FILE), or a file MAP_FILE cannot pin.
+                    Err(errno @ (Errno::ENOTTY | Errno::EOPNOTSUPP)) => {
+                        if errno == Errno::ENOTTY {
+                            self.map_file_unsupported.store(true, Ordering::Relaxed);
+                        }
+                        ("IOMMU_IOAS_MAP", by_address())
+                    }
+                    result => ("IOMMU_IOAS_MAP_FILE", result),
+                }
+            }
+            None => ("IOMMU_IOAS_MAP", by_address()),
+        };
         match result {
             Ok(()) => {
                 lock(&self.mirrored).insert(region.iova, region.size);

@@ -13,7 +13,7 @@ use vfu_protocol::wire;
 use super::fake::{FakeKernel, FakeState, BAR4_SIZE};
 use super::locate::{locate, LocateError, SystemPaths};
 use super::*;
-use crate::dma::{DmaProt, MappedRegion};
+use crate::dma::{DmaProt, MappedRegion, MappingCache};
 
 fn config(device: &str) -> vfu_config::DeviceConfig {
     vfu_config::parse_str(
@@ -173,7 +173,10 @@ fn ats_control_writes_stay_virtual_and_other_writes_reach_the_device() {
 fn dma_region(iova: u64, size: u64, prot: DmaProt) -> (DmaRegion, OwnedFd) {
     let fd = memfd_create(c"vfud-host-test", MemFdCreateFlag::MFD_CLOEXEC).expect("memfd");
     nix::unistd::ftruncate(&fd, size as i64).expect("size");
-    let mapped = MappedRegion::map(&fd, 0, size, prot).expect("map");
+    // As the server's table does once a host device attached: files are kept for MAP_FILE.
+    let mut cache = MappingCache::new(4);
+    cache.set_keep_files(true);
+    let mapped = MappedRegion::map_shared(&mut cache, &fd, 0, size, prot).expect("map");
     (
         DmaRegion::new(iova, size, prot, DmaBacking::Mapped(mapped)),
         fd,
@@ -219,6 +222,19 @@ fn dma_maps_go_to_the_ioas_with_the_clients_iova_and_permissions() {
 }
 
 #[test]
+fn a_region_without_a_kept_file_is_mapped_by_address() {
+    let (d, kernel) = open(AUTO, FakeState::default());
+    let d = d.expect("device");
+    let fd = memfd_create(c"vfud-host-test", MemFdCreateFlag::MFD_CLOEXEC).expect("memfd");
+    nix::unistd::ftruncate(&fd, 0x2000).expect("size");
+    let mapped = MappedRegion::map(&fd, 0, 0x2000, RW).expect("map");
+    assert!(mapped.backing_file().is_none());
+    let r = DmaRegion::new(0x10_0000, 0x2000, RW, DmaBacking::Mapped(mapped));
+    d.dma_mapped(&r).expect("map by address");
+    assert_eq!(kernel.state.lock().unwrap().maps[0].0, "user");
+}
+
+#[test]
 fn map_file_unsupported_falls_back_to_mapping_our_address() {
     let (d, kernel) = open(
         AUTO,
@@ -231,6 +247,11 @@ fn map_file_unsupported_falls_back_to_mapping_our_address() {
     let (a, _f) = dma_region(0x10_0000, 0x2000, RW);
     d.dma_mapped(&a).expect("fallback map");
     assert_eq!(kernel.state.lock().unwrap().maps[0].0, "user");
+    // An old kernel stays old: later maps go straight to IOMMU_IOAS_MAP.
+    kernel.state.lock().unwrap().fail_map_file = None;
+    let (b, _g) = dma_region(0x20_0000, 0x2000, RW);
+    d.dma_mapped(&b).expect("map");
+    assert_eq!(kernel.state.lock().unwrap().maps[1].0, "user");
 }
 
 #[test]
@@ -612,6 +633,11 @@ fn a_failed_pin_is_an_error_reply_and_the_server_keeps_serving() {
         Some((std::os::fd::AsFd::as_fd(&memfd), 0)),
     )
     .expect("map after the limit was raised");
+    assert_eq!(
+        kernel.state.lock().unwrap().maps[0].0,
+        "file",
+        "the server's table kept the client's file for IOMMU_IOAS_MAP_FILE"
+    );
     c.dma_unmap(0x10_0000, 0x10000, 0).expect("unmap");
     assert_eq!(
         kernel.state.lock().unwrap().unmaps,
