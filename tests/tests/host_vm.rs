@@ -55,6 +55,7 @@ const FULL_CHECKS: &[&str] = &[
     "dma-ioas",
     "msix-eventfd",
     "intx-eventfd-unmask",
+    "err-req-eventfds",
     "device-reset",
     "reconnect",
 ];
@@ -373,6 +374,7 @@ fn device_reset_and_interrupt_eventfds_are_accepted_by_the_kernel() {
     let g = guest();
     g.passed("auto", "msix-eventfd");
     g.passed("auto", "intx-eventfd-unmask");
+    g.passed("auto", "err-req-eventfds");
     g.passed("auto", "device-reset");
 }
 

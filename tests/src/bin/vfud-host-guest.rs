@@ -265,6 +265,12 @@ fn full_checks(checks: &mut Checks, mut client: Client, config: &[u8], socket: &
 
     checks.check("msix-eventfd", irq_check(c, 2));
     checks.check("intx-eventfd-unmask", intx_check(c));
+    // ERR (3) and REQ (4): the kernel's error and device-request notifications.
+    checks.check(
+        "err-req-eventfds",
+        irq_check(c, 3)
+            .and_then(|err| irq_check(c, 4).map(|req| format!("ERR: {err}; REQ: {req}"))),
+    );
     checks.check(
         "device-reset",
         c.reset()

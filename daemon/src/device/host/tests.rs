@@ -649,3 +649,35 @@ fn a_failed_pin_is_an_error_reply_and_the_server_keeps_serving() {
     runtime.block_on(serving).expect("server task");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn open_errors_say_what_to_change() {
+    use std::io::{Error, ErrorKind};
+    let err = |kind: ErrorKind| LocateError::OpenCdev {
+        device: "nic0".into(),
+        path: "/dev/vfio/devices/vfio0".into(),
+        kind,
+        source: Error::from(kind),
+    };
+    let denied = err(ErrorKind::PermissionDenied).to_string();
+    assert!(
+        denied.contains("nic0")
+            && denied.contains("/dev/vfio/devices/vfio0")
+            && denied.contains("udev rule"),
+        "{denied}"
+    );
+    let busy = err(ErrorKind::ResourceBusy).to_string();
+    assert!(busy.contains("in use"), "{busy}");
+    let (d, _) = open(
+        AUTO,
+        FakeState {
+            fail_bind: Some(Errno::EPERM),
+            ..Default::default()
+        },
+    );
+    let text = d.expect_err("unisolated MSI").to_string();
+    assert!(
+        text.contains("iommufd.allow_unsafe_interrupts=1") && text.contains("interrupt remapping"),
+        "{text}"
+    );
+}
