@@ -14,6 +14,9 @@
 //! ([`IommuSpec`]), and a `"viommu"` block naming the vIOMMU model in front of it
 //! ([`ViommuSpec`]). All are optional, so every version-1 file stays valid.
 //!
+//! A host PCI device bound to vfio-pci is `{"type": "host", "pci": "0000:01:00.0"}` (or
+//! `"cdev": "/dev/vfio/devices/vfio0"`), optionally with `"iommufd"` ([`HostDevice`]).
+//!
 //! The schema is strict (unknown fields are errors, so typos are caught
 //! instead of silently ignored) and versioned. Errors name the file, the
 //! JSON path of the offending value and what was expected, so an operator
@@ -37,8 +40,8 @@ pub use policy::{
     PolicySetting, EXT_CAP_MIN_OFFSET, MAX_PASID_WIDTH, PASID_CAP_MAX_OFFSET,
 };
 pub use schema::{
-    embedded_default, DeviceConfig, DeviceSpec, EmulatedDevice, EmulatedModel, CONFIG_VERSION,
-    MAX_NAME_LEN,
+    embedded_default, DeviceConfig, DeviceSpec, EmulatedDevice, EmulatedModel, HostDevice,
+    CONFIG_VERSION, MAX_NAME_LEN,
 };
 pub use viommu::{
     Auto, RawRegister, Smmuv3HostRegisters, ViommuSpec, VtdHostRegisters, MAX_VIOMMU_PASID_BITS,

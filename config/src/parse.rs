@@ -20,7 +20,9 @@ use serde_path_to_error::Segment;
 
 use crate::error::{ConfigError, Origin};
 use crate::policy::MAX_PASID_WIDTH;
-use crate::schema::{DeviceConfig, DeviceSpec, EmulatedDevice, CONFIG_VERSION, MAX_NAME_LEN};
+use crate::schema::{
+    DeviceConfig, DeviceSpec, EmulatedDevice, HostDevice, CONFIG_VERSION, MAX_NAME_LEN,
+};
 
 /// Longest socket path accepted, in bytes: `sun_path` holds 108 bytes
 /// including the terminating NUL, and a longer path only fails later, at
@@ -36,6 +38,7 @@ pub const MAX_SOCKET_PATH_LEN: usize = 107;
 #[serde(rename_all = "kebab-case")]
 pub(crate) enum DeviceType {
     Emulated,
+    Host,
 }
 
 /// Every problem found in one configuration text; non-empty by
@@ -270,6 +273,7 @@ fn diagnose_device(device: &Value) -> Option<(String, String)> {
     let fields = Value::Object(fields);
     match kind {
         DeviceType::Emulated => first_error::<EmulatedDevice>(&fields, "device"),
+        DeviceType::Host => first_error::<HostDevice>(&fields, "device"),
     }
 }
 
@@ -364,8 +368,80 @@ fn check_device(device: &DeviceSpec) -> Vec<(&'static str, String)> {
                 problems.extend(viommu.problems());
             }
         }
+        DeviceSpec::Host(host) => problems.extend(check_host(host)),
     }
     problems
+}
+
+/// Checks that exactly one of `pci` and `cdev` names the device, and that each is well formed.
+fn check_host(host: &HostDevice) -> Vec<(&'static str, String)> {
+    let mut problems = Vec::new();
+    match (&host.pci, &host.cdev) {
+        (None, None) => problems.push((
+            "device",
+            "a host device needs \"pci\" (its PCI address, e.g. \"0000:01:00.0\") or \"cdev\" (its VFIO character device, e.g. \"/dev/vfio/devices/vfio0\")".to_owned(),
+        )),
+        (Some(_), Some(_)) => problems.push((
+            "device.cdev",
+            "\"pci\" and \"cdev\" both name the device; keep only one".to_owned(),
+        )),
+        _ => {}
+    }
+    if let Some(pci) = &host.pci {
+        if !is_pci_address(pci) {
+            problems.push((
+                "device.pci",
+                format!(
+                    "{} is not a PCI address; write it as domain:bus:device.function in hex, e.g. \"0000:01:00.0\" (see lspci -D)",
+                    describe(&Value::String(pci.clone()))
+                ),
+            ));
+        }
+    }
+    if let Some(cdev) = &host.cdev {
+        if !cdev.is_absolute() {
+            problems.push((
+                "device.cdev",
+                format!(
+                    "the VFIO character device path \"{}\" is not absolute; use e.g. \"/dev/vfio/devices/vfio0\"",
+                    cdev.display()
+                ),
+            ));
+        }
+    }
+    if let Some(iommufd) = &host.iommufd {
+        if !iommufd.is_absolute() {
+            problems.push((
+                "device.iommufd",
+                format!(
+                    "the iommufd path \"{}\" is not absolute; use \"/dev/iommu\"",
+                    iommufd.display()
+                ),
+            ));
+        }
+    }
+    problems
+}
+
+/// `DDDD:BB:DD.F` in hex, lower or upper case, with device <= 0x1f and function <= 7: the
+/// spelling of `/sys/bus/pci/devices/` entries.
+pub(crate) fn is_pci_address(text: &str) -> bool {
+    let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let Some((domain, rest)) = text.split_once(':') else {
+        return false;
+    };
+    let Some((bus, rest)) = rest.split_once(':') else {
+        return false;
+    };
+    let Some((device, function)) = rest.split_once('.') else {
+        return false;
+    };
+    hex(domain, 4)
+        && hex(bus, 2)
+        && hex(device, 2)
+        && u8::from_str_radix(device, 16).is_ok_and(|d| d <= 0x1f)
+        && function.len() == 1
+        && matches!(function.as_bytes()[0], b'0'..=b'7')
 }
 
 /// Validates the socket path and makes it absolute: a relative path is

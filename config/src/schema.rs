@@ -59,6 +59,77 @@ pub struct DeviceConfig {
 pub enum DeviceSpec {
     /// A device implemented entirely in software by the daemon.
     Emulated(EmulatedDevice),
+    /// A real PCI device, opened through Linux iommufd and the VFIO character device.
+    Host(HostDevice),
+}
+
+/// A host PCI device, bound to vfio-pci, served through iommufd.
+///
+/// Exactly one of `pci` and `cdev` names the device (checked when loading). The capability
+/// fields (`ats`, `pasid`, `pri`, `compat`, `pasid_cap_offset`) mean the same as for an emulated
+/// device; what the host IOMMU supports comes from the kernel (`IOMMU_GET_HW_INFO`), not from
+/// configuration.
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostDevice {
+    /// PCI address (`DDDD:BB:DD.F`, e.g. `0000:01:00.0`); vfud finds the device's VFIO
+    /// character device through `/sys/bus/pci/devices/<pci>/vfio-dev/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci: Option<String>,
+    /// The VFIO character device itself (`/dev/vfio/devices/vfioN`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cdev: Option<PathBuf>,
+    /// The iommufd device; `None` means `/dev/iommu`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iommufd: Option<PathBuf>,
+    /// Policy for the ATS capability; `None` takes the compat level's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ats: Option<CapabilityPolicy>,
+    /// Policy for the PASID capability; `None` takes the compat level's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pasid: Option<CapabilityPolicy>,
+    /// Policy for the PRI capability; `None` takes the compat level's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pri: Option<CapabilityPolicy>,
+    /// Compatibility level whose defaults apply to unset policies.
+    #[serde(default, skip_serializing_if = "CompatLevel::is_current")]
+    pub compat: CompatLevel,
+    /// Where a synthesized PASID capability goes; `None` picks a free offset at the end of
+    /// config space.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pasid_cap_offset: Option<PasidCapOffset>,
+}
+
+impl HostDevice {
+    /// The iommufd device used when `iommufd` is not set.
+    pub const DEFAULT_IOMMUFD: &'static str = "/dev/iommu";
+
+    /// A host device at PCI address `pci` with every optional setting at its default.
+    pub fn at_pci(pci: &str) -> HostDevice {
+        HostDevice {
+            pci: Some(pci.to_owned()),
+            cdev: None,
+            iommufd: None,
+            ats: None,
+            pasid: None,
+            pri: None,
+            compat: CompatLevel::CURRENT,
+            pasid_cap_offset: None,
+        }
+    }
+
+    /// The effective `ats`/`pasid`/`pri` policies: explicit values over the compat level's
+    /// defaults.
+    pub fn capability_policies(&self) -> CapabilityPolicies {
+        self.compat.resolve(self.ats, self.pasid, self.pri)
+    }
+
+    /// The iommufd device in force.
+    pub fn iommufd_or_default(&self) -> PathBuf {
+        self.iommufd
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(Self::DEFAULT_IOMMUFD))
+    }
 }
 
 /// Settings of a software-emulated device.

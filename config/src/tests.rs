@@ -58,6 +58,7 @@ fn inline(text: &str) -> Result<DeviceConfig, ConfigError> {
 fn device_type_of(spec: &DeviceSpec) -> DeviceType {
     match spec {
         DeviceSpec::Emulated(_) => DeviceType::Emulated,
+        DeviceSpec::Host(_) => DeviceType::Host,
     }
 }
 
@@ -144,9 +145,9 @@ fn device_problems_have_precise_paths() {
             "missing field \"type\"",
         ),
         (
-            r#""device": {"type": "host", "model": "ats-dma"}"#,
+            r#""device": {"type": "vdpa", "model": "ats-dma"}"#,
             "device.type",
-            "unknown variant \"host\"",
+            "unknown variant \"vdpa\"",
         ),
         (
             r#""device": {"type": 7, "model": "ats-dma"}"#,
@@ -568,6 +569,7 @@ fn with_device_fields(extra: &str) -> String {
 fn emulated(config: &DeviceConfig) -> &EmulatedDevice {
     match &config.device {
         DeviceSpec::Emulated(e) => e,
+        other => panic!("not an emulated device: {other:?}"),
     }
 }
 
@@ -808,7 +810,9 @@ fn viommu_blocks_parse_and_report_problems() {
         r#"{"model": "smmuv3", "ats": true, "ssidsize": "auto", "oas": 48, "host": {"idr": ["0x1", 2, "0X3", "0x4", "0x5", "0x6"]}}"#,
     ))
     .unwrap();
-    let DeviceSpec::Emulated(e) = &parsed.device;
+    let DeviceSpec::Emulated(e) = &parsed.device else {
+        panic!("an emulated device");
+    };
     let Some(ViommuSpec::Smmuv3 {
         ats,
         ril,
@@ -835,7 +839,9 @@ fn viommu_blocks_parse_and_report_problems() {
         r#"{"model": "vtd", "host": {"cap": "0x19ed008c40780c66", "ecap": 4}}"#,
     ))
     .unwrap();
-    let DeviceSpec::Emulated(e) = &vtd.device;
+    let DeviceSpec::Emulated(e) = &vtd.device else {
+        panic!("an emulated device");
+    };
     assert!(
         matches!(e.viommu, Some(ViommuSpec::Vtd { device_iotlb: Auto::Auto, host: Some(h), .. }) if h.cap.0 == 0x19ed_008c_4078_0c66)
     );
@@ -880,5 +886,99 @@ fn viommu_blocks_parse_and_report_problems() {
         let (path, reason) = field_err(inline(&with(viommu)));
         assert_eq!(path, want_path, "{viommu}: {reason}");
         assert!(reason.contains(want_reason), "{viommu}: {reason}");
+    }
+}
+
+#[test]
+fn host_device_by_pci_address_parses_with_defaults() {
+    let config = inline(
+        r#"{"version": 1, "name": "nic0", "socket": "/run/vfud/nic0.sock",
+            "device": {"type": "host", "pci": "0000:01:00.0", "ats": "off"}}"#,
+    )
+    .expect("host config");
+    let DeviceSpec::Host(host) = &config.device else {
+        panic!("not a host device: {:?}", config.device)
+    };
+    assert_eq!(host.pci.as_deref(), Some("0000:01:00.0"));
+    assert_eq!(host.cdev, None);
+    assert_eq!(host.iommufd_or_default(), PathBuf::from("/dev/iommu"));
+    assert_eq!(host.capability_policies().ats.value, CapabilityPolicy::Off);
+    assert_eq!(
+        host.capability_policies().pasid.value,
+        CapabilityPolicy::Auto
+    );
+    let text = serde_json::to_string(&config).expect("serialize");
+    assert_eq!(inline(&text).expect("reparse"), config);
+}
+
+#[test]
+fn host_device_by_cdev_with_iommufd_parses() {
+    let config = inline(
+        r#"{"version": 1, "name": "nic0", "socket": "/run/vfud/nic0.sock",
+            "device": {"type": "host", "cdev": "/dev/vfio/devices/vfio3", "iommufd": "/dev/iommu"}}"#,
+    )
+    .expect("host config");
+    let DeviceSpec::Host(host) = &config.device else {
+        panic!("not a host device")
+    };
+    assert_eq!(host.cdev, Some(PathBuf::from("/dev/vfio/devices/vfio3")));
+    assert_eq!(host.pci, None);
+}
+
+#[test]
+fn host_device_errors_name_the_field_and_the_fix() {
+    let cases = [
+        (r#"{"type": "host"}"#, "device", "needs \"pci\""),
+        (
+            r#"{"type": "host", "pci": "0000:01:00.0", "cdev": "/dev/vfio/devices/vfio0"}"#,
+            "device.cdev",
+            "keep only one",
+        ),
+        (
+            r#"{"type": "host", "pci": "01:00.0"}"#,
+            "device.pci",
+            "0000:01:00.0",
+        ),
+        (
+            r#"{"type": "host", "pci": "0000:01:20.0"}"#,
+            "device.pci",
+            "not a PCI address",
+        ),
+        (
+            r#"{"type": "host", "pci": "0000:01:00.8"}"#,
+            "device.pci",
+            "not a PCI address",
+        ),
+        (
+            r#"{"type": "host", "cdev": "vfio0"}"#,
+            "device.cdev",
+            "not absolute",
+        ),
+        (
+            r#"{"type": "host", "pci": "0000:01:00.0", "iommufd": "iommu"}"#,
+            "device.iommufd",
+            "not absolute",
+        ),
+        (
+            r#"{"type": "host", "pci": "0000:01:00.0", "bdf": "x"}"#,
+            "device.bdf",
+            "unknown field",
+        ),
+        (
+            r#"{"type": "host", "pci": "0000:01:00.0", "ats": "maybe"}"#,
+            "device.ats",
+            "maybe",
+        ),
+    ];
+    for (device, path, needle) in cases {
+        let text = format!(
+            r#"{{"version": 1, "name": "nic0", "socket": "/run/vfud/nic0.sock", "device": {device}}}"#
+        );
+        let err = inline(&text).expect_err(device).to_string();
+        assert!(
+            err.contains(&format!("{path}:")) || err.contains(&format!("{path} ")),
+            "{device}: {err}"
+        );
+        assert!(err.contains(needle), "{device}: {err}");
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod emulated;
 pub mod eventfd;
+pub mod host;
 pub mod irq;
 
 use std::sync::Arc;
@@ -74,13 +75,34 @@ pub enum DeviceError {
     ClearMemory(#[source] Errno),
     #[error("the operation is not supported by this device")]
     Unsupported,
+    /// A host device's kernel interface refused an operation.
+    #[error("device {device}: the host kernel refused {op}")]
+    HostKernel {
+        device: String,
+        op: &'static str,
+        #[source]
+        source: Errno,
+    },
+    /// A host device could not mirror a DMA map into its IOMMU; `hint` tells the operator what
+    /// to change.
+    #[error("mapping {size:#x} bytes at IOVA {iova:#x} into the host IOMMU failed: {hint}")]
+    MapIommu {
+        iova: u64,
+        size: u64,
+        hint: &'static str,
+        #[source]
+        source: Errno,
+    },
 }
 
 impl DeviceError {
     /// The errno for the error reply.
     pub fn errno(&self) -> Errno {
         match self {
-            DeviceError::SignalIrq(e) | DeviceError::ClearMemory(e) => *e,
+            DeviceError::SignalIrq(e)
+            | DeviceError::ClearMemory(e)
+            | DeviceError::HostKernel { source: e, .. }
+            | DeviceError::MapIommu { source: e, .. } => *e,
             DeviceError::Unsupported => Errno::ENOTSUP,
             _ => Errno::EINVAL,
         }
@@ -204,6 +226,16 @@ pub enum CreateDeviceError {
     /// The device's `viommu` block cannot be resolved against its host IOMMU.
     #[error(transparent)]
     ResolveViommu(#[from] ResolveError),
+    /// The host device could not be opened; the message names the device and the fix.
+    #[error(transparent)]
+    OpenHost(host::HostDeviceError),
+    /// Resolving a host device's policy needs the device itself (its config space and what
+    /// its IOMMU reports).
+    #[error("device {name}: the capability policy of a host device is resolved from the device itself; it is decided (and logged) when `vfud run` opens it")]
+    ResolveHost {
+        /// The device.
+        name: String,
+    },
 }
 
 /// The vIOMMU model an emulated device's configuration resolves to on its own (`None` without
@@ -221,6 +253,8 @@ pub fn viommu_model(
                 HostIommuInfo::from_config(&HostIommuCaps::from_spec(&e.iommu_or_default()), spec);
             Ok(Some((resolve(&config.name, spec, &host)?, host)))
         }
+        // A host device's IOMMU is the real one; a vIOMMU in front of it is the VMM's.
+        vfu_config::DeviceSpec::Host(_) => Ok(None),
     }
 }
 
@@ -240,6 +274,23 @@ pub fn policy_request<'a>(
             pasid_cap_hidden: e.pasid_cap_hidden,
             pasid_cap_offset: e.pasid_cap_offset.map(vfu_config::PasidCapOffset::get),
         },
+        // The real inputs come from the device when it is opened (host::HostPciDevice::open);
+        // this is what is known without it.
+        vfu_config::DeviceSpec::Host(h) => PolicyRequest {
+            device_name: &config.name,
+            policies: h.capability_policies(),
+            host: HostIommuCaps::from_hw_info(0, 0),
+            iommu_source: IommuSource::HostDevice {
+                address: h
+                    .pci
+                    .clone()
+                    .or_else(|| h.cdev.as_ref().map(|p| p.display().to_string()))
+                    .unwrap_or_default(),
+            },
+            viommu_pasid: None,
+            pasid_cap_hidden: false,
+            pasid_cap_offset: h.pasid_cap_offset.map(vfu_config::PasidCapOffset::get),
+        },
     }
 }
 
@@ -257,6 +308,9 @@ pub fn resolve_capabilities(
                 Ok(emulated::ats_dma::plan(&request)?.decisions().clone())
             }
         },
+        vfu_config::DeviceSpec::Host(_) => Err(CreateDeviceError::ResolveHost {
+            name: config.name.clone(),
+        }),
     }
 }
 
@@ -274,6 +328,11 @@ pub fn create(config: &vfu_config::DeviceConfig) -> Result<Arc<dyn Device>, Crea
                     source,
                 }),
             },
+        },
+        vfu_config::DeviceSpec::Host(_) => match host::HostPciDevice::open(config) {
+            Ok(d) => Ok(Arc::new(d)),
+            Err(host::HostDeviceError::ApplyPolicy(e)) => Err(e.into()),
+            Err(e) => Err(CreateDeviceError::OpenHost(e)),
         },
     }
 }

@@ -10,9 +10,12 @@
 //! file type (hugetlbfs refuses `pwrite`), and no Rust reference into the mapping ever exists.
 //!
 //! One [`MappedFile`] maps a whole backing file once per connection ([`MappingCache`]); each
-//! DMA_MAP is a [`MappedRegion`] view into it. This bounds the mappings (and holds no fds at all:
-//! the mapping keeps the file alive) however many DMA_MAPs a client sends, so one client cannot
-//! exhaust the process's fd table or map count and take the other devices down.
+//! DMA_MAP is a [`MappedRegion`] view into it. This bounds the mappings (and holds no fds: the
+//! mapping keeps the file alive) however many DMA_MAPs a client sends, so one client cannot
+//! exhaust the process's fd table or map count and take the other devices down. Only when the
+//! device asks for it ([`MappingCache::set_keep_files`], a host device that hands files to
+//! IOMMU_IOAS_MAP_FILE) does each mapped file keep one duplicate of the client's fd, still
+//! bounded by the cache's file limit.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -154,6 +157,9 @@ pub struct MappedFile {
     map_len: usize,
     file_start: u64,
     writable: bool,
+    /// A duplicate of the mapped fd, kept only for caches that keep files (and None if
+    /// duplicating failed: the fd table is full).
+    fd: Option<std::os::fd::OwnedFd>,
 }
 
 // SAFETY: `MappedFile` exclusively owns its mapping (only `Drop` unmaps it) and the address is
@@ -184,6 +190,7 @@ impl MappedFile {
         offset: u64,
         len: u64,
         granule: u64,
+        keep_fd: bool,
     ) -> Result<MappedFile, MmapError> {
         let overflow = || MmapError::LengthOverflow { len, offset };
         if len == 0 {
@@ -216,6 +223,7 @@ impl MappedFile {
                         map_len: map_len.get(),
                         file_start,
                         writable,
+                        fd: keep_fd.then(|| fd.try_clone_to_owned().ok()).flatten(),
                     })
                 }
                 // A read-only fd refuses a writable shared mapping; retry read-only.
@@ -266,6 +274,7 @@ impl Drop for MappedFile {
 pub struct MappingCache {
     files: HashMap<(u64, u64), Weak<MappedFile>>,
     max_files: usize,
+    keep_files: bool,
 }
 
 impl MappingCache {
@@ -274,7 +283,14 @@ impl MappingCache {
         MappingCache {
             files: HashMap::new(),
             max_files,
+            keep_files: false,
         }
+    }
+
+    /// From now on, each newly mapped file keeps a duplicate of its fd so that
+    /// [`MappedRegion::backing_file`] can hand it out (to IOMMU_IOAS_MAP_FILE).
+    pub fn set_keep_files(&mut self, keep: bool) {
+        self.keep_files = keep;
     }
 
     /// Distinct backing files currently mapped.
@@ -304,7 +320,7 @@ impl MappedRegion {
     pub fn map(fd: impl AsFd, offset: u64, len: u64, prot: DmaProt) -> Result<Self, MmapError> {
         let fd = fd.as_fd();
         let stat = Self::check(fd, offset, len, prot)?;
-        let file = MappedFile::map(fd, offset, len, granule(&stat))?;
+        let file = MappedFile::map(fd, offset, len, granule(&stat), false)?;
         Self::view(Arc::new(file), offset, len, prot)
     }
 
@@ -321,12 +337,16 @@ impl MappedRegion {
         let stat = Self::check(fd, offset, len, prot)?;
         let regular = SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT == SFlag::S_IFREG;
         if !regular {
-            return Self::map(fd, offset, len, prot);
+            let file = MappedFile::map(fd, offset, len, granule(&stat), cache.keep_files)?;
+            return Self::view(Arc::new(file), offset, len, prot);
         }
         let key = (stat.st_dev, stat.st_ino);
         cache.files.retain(|_, w| w.strong_count() > 0);
         if let Some(file) = cache.files.get(&key).and_then(Weak::upgrade) {
-            if file.covers(offset, len) && (file.writable || !prot.write) {
+            if file.covers(offset, len)
+                && (file.writable || !prot.write)
+                && (file.fd.is_some() || !cache.keep_files)
+            {
                 return Self::view(file, offset, len, prot);
             }
         } else if cache.files.len() >= cache.max_files {
@@ -337,7 +357,13 @@ impl MappedRegion {
         // New file, or one that grew past (or is more writable than) its current mapping:
         // map it whole. Regions of the old mapping keep it alive until they go.
         let file_size = u64::try_from(stat.st_size).unwrap_or(0);
-        let file = Arc::new(MappedFile::map(fd, 0, file_size, granule(&stat))?);
+        let file = Arc::new(MappedFile::map(
+            fd,
+            0,
+            file_size,
+            granule(&stat),
+            cache.keep_files,
+        )?);
         cache.files.insert(key, Arc::downgrade(&file));
         Self::view(file, offset, len, prot)
     }
@@ -389,6 +415,19 @@ impl MappedRegion {
             len,
             prot,
         })
+    }
+
+    /// The backing file and the file offset of the region's first byte, for a host device
+    /// that maps the file into its IOMMU (IOMMU_IOAS_MAP_FILE); None if no fd was kept.
+    pub fn backing_file(&self) -> Option<(BorrowedFd<'_>, u64)> {
+        self.file.fd.as_ref().map(|fd| (fd.as_fd(), self.offset))
+    }
+
+    /// The address of the region's first byte in this process: the mapping lives as long as
+    /// `self`, so a host device may have the kernel pin it (IOMMU_IOAS_MAP) until it unmaps
+    /// the region. Never dereferenced here.
+    pub fn user_address(&self) -> u64 {
+        self.file.address(self.offset) as u64
     }
 
     /// Length in bytes of the region (the `len` it was mapped with).

@@ -387,6 +387,12 @@ impl DmaMapTable {
         Ok(DmaRegion::new(iova, size, prot, DmaBacking::Mapped(mapped)))
     }
 
+    /// Keep one duplicate fd per mapped backing file, for a device that hands the files to
+    /// its IOMMU (see [`MappingCache::set_keep_files`]).
+    pub fn set_keep_backing_files(&mut self, keep: bool) {
+        self.mappings.set_keep_files(keep);
+    }
+
     /// Distinct backing files mapped by this table's regions.
     pub fn backing_files(&self) -> usize {
         self.mappings.len()

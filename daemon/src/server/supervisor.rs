@@ -149,6 +149,13 @@ fn model_of(cfg: &DeviceConfig) -> String {
         vfu_config::DeviceSpec::Emulated(e) => match e.model {
             vfu_config::EmulatedModel::AtsDma => "emulated ats-dma".into(),
         },
+        vfu_config::DeviceSpec::Host(h) => format!(
+            "host {}",
+            h.pci
+                .clone()
+                .or_else(|| h.cdev.as_ref().map(|p| p.display().to_string()))
+                .unwrap_or_default()
+        ),
     }
 }
 

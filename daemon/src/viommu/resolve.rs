@@ -811,6 +811,9 @@ impl ResolveReport {
                         }
                     }
                 },
+                // A host device reports its IOMMU when it is opened (`vfud run` logs it); its
+                // configuration names no vIOMMU.
+                vfu_config::DeviceSpec::Host(_) => DeviceOutcome::NoViommu,
             };
             devices.push((c.name.clone(), outcome));
         }
