@@ -419,3 +419,285 @@ fn vtd_ats_dma_with_pasid_device_tlb_invalidation_faults_and_queue_errors() {
     );
     drop(d);
 }
+
+mod smmu {
+    //! SMMUv3 command and structure encodings (Arm IHI 0070; Linux arm-smmu-v3 layouts).
+    pub use vfud::viommu::smmuv3::opcode::*;
+    pub use vfud::viommu::smmuv3::regs::*;
+    pub use vfud::viommu::smmuv3::{Event, EventType};
+
+    /// Stage-1 descriptors: table/page (0b11), access flag, EL0 access.
+    pub const TABLE: u64 = 3;
+    pub const AF: u64 = 1 << 10;
+    pub const AP_EL0: u64 = 1 << 6;
+    pub const CD_MAX: u64 = 6;
+
+    pub fn cfgi_all() -> [u64; 2] {
+        [u64::from(CFGI_STE_RANGE), 31]
+    }
+    pub fn cfgi_ste(sid: u32) -> [u64; 2] {
+        [u64::from(CFGI_STE) | u64::from(sid) << 32, 1]
+    }
+    pub fn cfgi_cd(sid: u32, ssid: u32) -> [u64; 2] {
+        [
+            u64::from(CFGI_CD) | u64::from(ssid) << 12 | u64::from(sid) << 32,
+            1,
+        ]
+    }
+    pub fn tlbi_nsnh_all() -> [u64; 2] {
+        [u64::from(TLBI_NSNH_ALL), 0]
+    }
+    pub fn tlbi_nh_va(asid: u16, va: u64) -> [u64; 2] {
+        [
+            u64::from(TLBI_NH_VA) | u64::from(asid) << 48,
+            va & !0xfff | 1,
+        ]
+    }
+    /// ATC_INV of one 4 KiB page for (sid, ssid).
+    pub fn atc_inv(sid: u32, ssid: u32, addr: u64) -> [u64; 2] {
+        [
+            u64::from(ATC_INV) | 1 << 11 | u64::from(ssid) << 12 | u64::from(sid) << 32,
+            addr & !0xfff,
+        ]
+    }
+    /// CMD_SYNC, CS = IRQ with an MSI write of `data` to `addr` (Linux MSIPOLL).
+    pub fn sync_msi(addr: u64, data: u32) -> [u64; 2] {
+        [u64::from(SYNC) | 1 << 12 | u64::from(data) << 32, addr]
+    }
+}
+
+/// The arm-smmu-v3 guest driver's state.
+struct SmmuDriver {
+    cmdq: u64,
+    prod: u32,
+    evtq: u64,
+    status: u64,
+    syncs: u32,
+}
+
+const Q_LOG2: u32 = 8;
+
+impl SmmuDriver {
+    fn enable(c: &mut Client, bit: u32) {
+        let v = r32(c, smmu::CR0) | bit;
+        w32(c, smmu::CR0, v);
+        assert_eq!(r32(c, smmu::CR0ACK), v, "CR0ACK follows CR0");
+    }
+
+    /// Writes commands at PROD and publishes them.
+    fn submit(&mut self, c: &mut Client, guest: &Guest, cmds: &[[u64; 2]]) {
+        for cmd in cmds {
+            let slot = self.cmdq + u64::from(self.prod & ((1 << Q_LOG2) - 1)) * 16;
+            guest.w64(slot, cmd[0]);
+            guest.w64(slot + 8, cmd[1]);
+            self.prod = (self.prod + 1) & ((2 << Q_LOG2) - 1);
+        }
+        w32(c, smmu::CMDQ_PROD, self.prod);
+    }
+
+    /// `cmds` followed by a CMD_SYNC whose MSI writes a fresh value; returns where and what.
+    fn submit_with_sync(&mut self, c: &mut Client, guest: &Guest, cmds: &[[u64; 2]]) -> (u64, u32) {
+        self.syncs += 1;
+        let (at, data) = (
+            self.status + 4 * u64::from(self.syncs),
+            0x600d_0000 | self.syncs,
+        );
+        let mut all = cmds.to_vec();
+        all.push(smmu::sync_msi(at, data));
+        self.submit(c, guest, &all);
+        (at, data)
+    }
+
+    fn sync(&mut self, c: &mut Client, guest: &Guest, cmds: &[[u64; 2]]) {
+        let (at, data) = self.submit_with_sync(c, guest, cmds);
+        wait_for("CMD_SYNC", || guest.r32(at) == data);
+    }
+}
+
+/// Programs the SMMU like arm-smmu-v3 (`arm_smmu_device_reset`): linear stream table, command
+/// queue, CFGI_ALL + TLBI_NSNH_ALL, event queue, ATSCHK, IRQs, SMMUEN; then a stage-1 stream
+/// for 00:03.0 with a CD table (SSID bits 6, S1DSS = SSID0, EATS = 1) and a CD for PASID
+/// whose 4-level, 4 KiB-granule tables map SRC, DST and DST_MSG. Returns the driver and the
+/// address of SRC's leaf descriptor.
+fn program_smmu(c: &mut Client, guest: &mut Guest) -> (SmmuDriver, u64) {
+    let idr0 = r32(c, smmu::IDR0);
+    assert_eq!(idr0 >> 2 & 3, 2, "AArch64 tables");
+    assert_ne!(idr0 & 1 << 10, 0, "ATS");
+    let cmdq = guest.alloc(16 << Q_LOG2);
+    let evtq = guest.alloc(32 << Q_LOG2);
+    let strtab = guest.alloc(64 << 8);
+    let status = guest.alloc(0x1000);
+    let mut drv = SmmuDriver {
+        cmdq,
+        prod: 0,
+        evtq,
+        status,
+        syncs: 0,
+    };
+    w32(c, smmu::CR0, 0);
+    assert_eq!(r32(c, smmu::CR0ACK), 0);
+    w32(c, smmu::CR1, 0x3f);
+    w32(c, smmu::CR2, 0b110);
+    w64(c, smmu::STRTAB_BASE, strtab | 1 << 62);
+    w32(c, smmu::STRTAB_BASE_CFG, 8);
+    w64(c, smmu::CMDQ_BASE, cmdq | 1 << 62 | u64::from(Q_LOG2));
+    w32(c, smmu::CMDQ_PROD, 0);
+    w32(c, smmu::CMDQ_CONS, 0);
+    SmmuDriver::enable(c, smmu::CR0_CMDQEN);
+    drv.sync(c, guest, &[smmu::cfgi_all()]);
+    drv.sync(c, guest, &[smmu::tlbi_nsnh_all()]);
+    w64(c, smmu::EVENTQ_BASE, evtq | 1 << 62 | u64::from(Q_LOG2));
+    w32(c, smmu::EVENTQ_PROD, 0);
+    w32(c, smmu::EVENTQ_CONS, 0);
+    SmmuDriver::enable(c, smmu::CR0_EVENTQEN);
+    SmmuDriver::enable(c, smmu::CR0_ATSCHK);
+    // MSI configuration as Linux writes it; delivery is to MSI-X vectors 0 (EVTQ) and 1.
+    w64(c, smmu::EVENTQ_IRQ_CFG0, 0xfee0_0000);
+    w32(c, smmu::EVENTQ_IRQ_CFG1, 0x41);
+    w64(c, smmu::GERROR_IRQ_CFG0, 0xfee0_0000);
+    w32(c, smmu::GERROR_IRQ_CFG1, 0x42);
+    w32(c, smmu::IRQ_CTRL, 0);
+    w32(
+        c,
+        smmu::IRQ_CTRL,
+        smmu::IRQ_CTRL_GERROR_IRQEN | smmu::IRQ_CTRL_EVENTQ_IRQEN,
+    );
+    assert_eq!(r32(c, smmu::IRQ_CTRLACK), 5);
+    SmmuDriver::enable(c, smmu::CR0_SMMUEN);
+
+    // Stage-1 tables: 48-bit input (T0SZ 16), 4 KiB granule, levels 0..3.
+    let root = guest.alloc(0x1000);
+    let mut src_pte = 0;
+    for (va, pa) in [(SRC, SRC_GPA), (DST, DST_GPA), (DST_MSG, MSG_GPA)] {
+        let mut table = root;
+        for level in 0..3u32 {
+            let at = table + ((va >> (39 - 9 * level)) & 0x1ff) * 8;
+            let desc = guest.r64(at);
+            table = if desc & 3 == 3 {
+                desc & 0x000f_ffff_ffff_f000
+            } else {
+                let t = guest.alloc(0x1000);
+                guest.w64(at, t | smmu::TABLE);
+                t
+            };
+        }
+        let leaf = table + ((va >> 12) & 0x1ff) * 8;
+        guest.w64(leaf, pa | smmu::AF | smmu::AP_EL0 | smmu::TABLE);
+        if va == SRC {
+            src_pte = leaf;
+        }
+    }
+    // CD table (linear, 2^6 CDs) with the CD of PASID: T0SZ, TG0 4K, EPD1, V, IPS 48 bits,
+    // AA64, R, A, ASID 1, TTB0; V written last.
+    let cds = guest.alloc(64 << smmu::CD_MAX);
+    let cd = cds + 64 * u64::from(PASID);
+    guest.w64(cd + 8, root);
+    guest.w64(
+        cd,
+        16 | 1 << 30 | 1 << 31 | 5 << 32 | 1 << 41 | 1 << 45 | 1 << 46 | 1 << 48,
+    );
+    // STE: V, Config = S1 translate, S1Fmt linear, S1ContextPtr, S1CDMax; S1DSS = SSID0,
+    // EATS = 1; dw0 written last.
+    let ste = strtab + 64 * u64::from(RID);
+    guest.w64(ste + 8, 2 | 1 << 28);
+    guest.w64(ste, 1 | 5 << 1 | cds | smmu::CD_MAX << 59);
+    drv.sync(c, guest, &[smmu::cfgi_ste(u32::from(RID))]);
+    drv.sync(c, guest, &[smmu::cfgi_cd(u32::from(RID), PASID)]);
+    (drv, src_pte)
+}
+
+#[test]
+fn smmuv3_ats_dma_with_pasid_atc_invalidation_events_and_command_errors() {
+    let (d, mut iommu, mut dev, mut guest, msg) =
+        setup(r#"{"type":"viommu","model":"smmuv3","ats":true,"ril":true,"ssidsize":20,"oas":48}"#);
+    assert_eq!(
+        iommu.region_info(0).unwrap().0.size,
+        smmu::REGISTER_WINDOW_SIZE,
+        "BAR0 is the SMMUv3 register window (two 64 KiB pages)"
+    );
+    let irqs = wire_msix(&mut iommu);
+    let (mut drv, src_pte) = program_smmu(&mut iommu, &mut guest);
+
+    copy_misses_then_hits(&mut dev, &guest);
+
+    // A copy into message memory holds SRC's translation until the client answers.
+    guest.w64(src_pte, 0);
+    start(&mut dev, OP_COPY, SRC, DST_MSG, LEN, 0, false);
+    // The guest unmaps SRC: TLBI_NH_VA + ATC_INV (SSV, PASID) + CMD_SYNC with an MSI write.
+    let (at, data) = drv.submit_with_sync(
+        &mut iommu,
+        &guest,
+        &[
+            smmu::tlbi_nh_va(1, SRC),
+            smmu::atc_inv(u32::from(RID), PASID, SRC),
+        ],
+    );
+    assert_eq!(
+        guest.r32(at),
+        0,
+        "CMD_SYNC completed before the device acknowledged"
+    );
+    assert_eq!(r32(&mut iommu, smmu::GERROR), 0);
+    assert_eq!(wait_idle(&mut dev), (STATUS_DONE, ERR_NONE));
+    assert_eq!(msg.load(MSG_GPA, LEN as usize), pattern(1));
+    wait_for("the CMD_SYNC MSI write", || guest.r32(at) == data);
+    let counters = atc_counters(&mut dev);
+    assert!(counters.invalidations >= 1, "{counters:?}");
+
+    // The next ATS command misses and finds a hole; ATS records no event.
+    let misses = counters.misses;
+    start(&mut dev, OP_COPY, SRC, DST, LEN, 0, false);
+    assert_eq!(wait_idle(&mut dev), (STATUS_ERROR, ERR_TRANSLATION));
+    assert_eq!(fault_addr(&mut dev), SRC);
+    assert!(atc_counters(&mut dev).misses > misses);
+    assert_eq!(
+        r32(&mut iommu, smmu::EVENTQ_PROD),
+        0,
+        "no event for an ATS hole"
+    );
+
+    // Untranslated DMA with the PASID: F_TRANSLATION in the event queue, EVTQ MSI-X vector.
+    set_ats(&mut dev, false);
+    start(&mut dev, OP_COPY, SRC, DST, LEN, 0, false);
+    assert_eq!(wait_idle(&mut dev), (STATUS_ERROR, ERR_TRANSLATION));
+    assert_eq!(r32(&mut iommu, smmu::EVENTQ_PROD), 1);
+    let record: [u8; 32] = guest.read(drv.evtq, 32).try_into().unwrap();
+    let event = smmu::Event::decode(&record).expect("a known event");
+    assert_eq!(
+        (
+            event.kind,
+            event.sid,
+            event.ssid,
+            event.input_addr,
+            event.read
+        ),
+        (
+            smmu::EventType::FTranslation,
+            u32::from(RID),
+            Some(PASID),
+            SRC,
+            true
+        ),
+        "{event:?}"
+    );
+    assert_eq!(
+        wait_eventfd(&irqs[0], Duration::from_secs(10)),
+        1,
+        "EVTQ interrupt on MSI-X 0"
+    );
+    w32(&mut iommu, smmu::EVENTQ_CONS, 1);
+
+    // An unknown opcode: CONS stops at it with CERROR_ILL, GERROR.CMDQ_ERR, GERROR interrupt.
+    let bad = drv.prod;
+    drv.submit(&mut iommu, &guest, &[[0xff, 0]]);
+    assert_ne!(r32(&mut iommu, smmu::GERROR) & smmu::GERROR_CMDQ_ERR, 0);
+    let cons = r32(&mut iommu, smmu::CMDQ_CONS);
+    assert_eq!(cons & 0xfffff, bad, "CONS stays at the bad command");
+    assert_eq!(cons >> 24 & 0x7f, smmu::CERROR_ILL);
+    assert_eq!(
+        wait_eventfd(&irqs[1], Duration::from_secs(10)),
+        1,
+        "GERROR interrupt on MSI-X 1"
+    );
+    drop(d);
+}

@@ -595,6 +595,10 @@ impl ViommuUnit {
         })?;
         let mut out = Vec::with_capacity(answer.len());
         for (base, size_log2, translated, [r, w, x, p, g, u]) in answer {
+            // SMMUv3 may grant W to a No-Write request (the page is writable); the ATS
+            // contract answers what was asked, so W is dropped there (the device asks again
+            // for a write).
+            let w = w && !request.no_write;
             let range = AtsRange::new(base, size_log2).map_err(TranslationError::CheckAnswer)?;
             out.push(TranslationCompletion {
                 range,

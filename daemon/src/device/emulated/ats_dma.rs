@@ -930,7 +930,7 @@ impl TranslatedPath {
                     .await
                     .map_err(|e| JobError::Translate {
                         addr,
-                        reason: e.to_string(),
+                        reason: crate::server::supervisor::error_chain(&e),
                     })?;
             check_completions(&request, &answer).map_err(|e| JobError::Translate {
                 addr,
