@@ -168,7 +168,7 @@ mod vtd {
     //! VT-d descriptor and structure encodings (VT-d spec 4.1; Linux `QI_*` layouts).
     pub use vfud::viommu::vtd::{
         FaultRecord, FEADDR, FECTL, FEDATA, FRCD, FSTS, FSTS_IQE, FSTS_PPF, GCMD, GCMD_QIE,
-        GCMD_SRTP, GCMD_TE, GSTS, IECTL, IQA, IQA_DW, IQH, IQT, RTADDR,
+        GCMD_SRTP, GCMD_TE, GSTS, IECTL, IQA, IQA_DW, IQER, IQH, IQT, RTADDR,
     };
 
     pub const P: u64 = 1;
@@ -700,4 +700,149 @@ fn smmuv3_ats_dma_with_pasid_atc_invalidation_events_and_command_errors() {
         "GERROR interrupt on MSI-X 1"
     );
     drop(d);
+}
+
+#[test]
+fn an_endpoint_that_does_not_complete_an_invalidation_in_time_sets_ite_and_atc_inv_sync() {
+    // VT-d: the device's command holds the translation and its client does not answer its
+    // DMA, so the invalidation cannot complete: ITE with the requester in IQER, no status.
+    let (d, mut iommu, mut dev, mut guest, _msg) = setup(
+        r#"{"type":"viommu","model":"vtd","device_iotlb":true,"pasid_bits":20,"fs1gp":true}"#,
+    );
+    let (mut drv, _) = program_vtd(&mut iommu, &mut guest);
+    copy_misses_then_hits(&mut dev, &guest);
+    start(&mut dev, OP_COPY, SRC, DST_MSG, LEN, 0, false);
+    let status = drv.status + 8;
+    drv.submit(
+        &mut iommu,
+        &guest,
+        &[
+            vtd::pasid_dev_tlb(RID, PASID, SRC),
+            vtd::wait_sw(status, 0x600d),
+        ],
+    );
+    wait_for("FSTS.ITE", || r32(&mut iommu, vtd::FSTS) & 1 << 6 != 0);
+    assert_eq!(r64(&mut iommu, vtd::IQER) >> 32 & 0xffff, u64::from(RID));
+    assert_eq!(guest.r32(status), 0, "the timed-out wait writes no status");
+    assert_eq!(wait_idle(&mut dev), (STATUS_DONE, ERR_NONE));
+    drop(d);
+
+    // SMMUv3: the CMD_SYNC behind the ATC_INV fails with CERROR_ATC_INV_SYNC.
+    let (d, mut iommu, mut dev, mut guest, _msg) =
+        setup(r#"{"type":"viommu","model":"smmuv3","ats":true,"ril":true,"ssidsize":20,"oas":48}"#);
+    let (mut drv, _) = program_smmu(&mut iommu, &mut guest);
+    copy_misses_then_hits(&mut dev, &guest);
+    start(&mut dev, OP_COPY, SRC, DST_MSG, LEN, 0, false);
+    let (at, _) = drv.submit_with_sync(
+        &mut iommu,
+        &guest,
+        &[smmu::atc_inv(u32::from(RID), PASID, SRC)],
+    );
+    wait_for("GERROR.CMDQ_ERR", || {
+        r32(&mut iommu, smmu::GERROR) & smmu::GERROR_CMDQ_ERR != 0
+    });
+    assert_eq!(
+        r32(&mut iommu, smmu::CMDQ_CONS) >> 24 & 0x7f,
+        smmu::CERROR_ATC_INV_SYNC
+    );
+    assert_eq!(guest.r32(at), 0, "the failed CMD_SYNC writes no MSI");
+    assert_eq!(wait_idle(&mut dev), (STATUS_DONE, ERR_NONE));
+    drop(d);
+}
+
+#[test]
+fn a_device_behind_a_viommu_without_a_client_faults_and_recovers_when_it_returns() {
+    let d = Daemon::start_with_configs(&[
+        (
+            "iommu0",
+            r#"{"type":"viommu","model":"vtd","device_iotlb":true,"pasid_bits":20,"fs1gp":true}"#,
+        ),
+        (
+            "dma0",
+            r#"{"type":"emulated","model":"ats-dma","viommu":"iommu0","requester_id":"00:03.0"}"#,
+        ),
+    ]);
+    let mut guest = Guest::new();
+    let mut dev = d.client_of("dma0");
+    dev.dma_map(RAM_BASE, RAM_SIZE, RW, Some((guest.ram.fd(), 0)))
+        .unwrap();
+    enable_pasid(&mut dev, PASID);
+    guest.write(SRC_GPA, &pattern(3));
+    // No vIOMMU client: no tables to walk. ATS and untranslated DMA fail, promptly.
+    set_ats(&mut dev, true);
+    start(&mut dev, OP_COPY, SRC, DST, LEN, 0, false);
+    assert_eq!(wait_idle(&mut dev), (STATUS_ERROR, ERR_TRANSLATION));
+    set_ats(&mut dev, false);
+    start(&mut dev, OP_COPY, SRC, DST, LEN, 0, false);
+    assert_eq!(wait_idle(&mut dev), (STATUS_ERROR, ERR_TRANSLATION));
+
+    // The vIOMMU's client arrives and programs it: DMA works.
+    let mut iommu = d.client_of("iommu0");
+    iommu
+        .dma_map(RAM_BASE, RAM_SIZE, RW, Some((guest.ram.fd(), 0)))
+        .unwrap();
+    program_vtd(&mut iommu, &mut guest);
+    set_ats(&mut dev, true);
+    start(&mut dev, OP_COPY, SRC, DST, LEN, 0, false);
+    assert_eq!(wait_idle(&mut dev), (STATUS_DONE, ERR_NONE));
+    assert_eq!(guest.read(DST_GPA, LEN as usize), pattern(3));
+    assert!(atc_counters(&mut dev).entries >= 2);
+
+    // It leaves: the device's ATC is emptied and its DMA faults again.
+    drop(iommu);
+    wait_for("the ATC to be emptied", || {
+        atc_counters(&mut dev).entries == 0
+    });
+    start(&mut dev, OP_COPY, SRC, DST, LEN, 0, false);
+    assert_eq!(wait_idle(&mut dev), (STATUS_ERROR, ERR_TRANSLATION));
+    drop(d);
+}
+
+#[test]
+fn check_config_names_the_file_field_and_fix_of_a_bad_viommu_link() {
+    let dir = std::env::temp_dir().join(format!("vfud-viommu-links-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, device: &str| {
+        std::fs::write(
+            dir.join(format!("{name}.json")),
+            format!(r#"{{"version":1,"name":"{name}","socket":"{name}.sock","device":{device}}}"#),
+        )
+        .unwrap();
+    };
+    write(
+        "iommu0",
+        r#"{"type":"viommu","model":"smmuv3","ats":true,"ril":true,"ssidsize":20,"oas":48}"#,
+    );
+    write(
+        "dma0",
+        r#"{"type":"emulated","model":"ats-dma","viommu":"iommu1","requester_id":"00:03.0"}"#,
+    );
+    let out = std::process::Command::new(vfud_tests::vfud_bin())
+        .arg("check-config")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("dma0.json: at device.viommu: no device named \"iommu1\"")
+            && stderr.contains("configured vIOMMU devices: iommu0"),
+        "{stderr}"
+    );
+    write(
+        "dma0",
+        r#"{"type":"emulated","model":"ats-dma","viommu":"iommu0","requester_id":"00:03.0"}"#,
+    );
+    let out = std::process::Command::new(vfud_tests::vfud_bin())
+        .arg("check-config")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -417,6 +417,20 @@ impl ViommuUnit {
         deliveries
     }
 
+    /// Empties the ATC of every endpoint behind the unit: after a reset or when the client
+    /// is gone, no translation the guest gave may outlive the tables it came from. The entries
+    /// go at once; the completions (waiting for DMA in flight) are not awaited. Called without
+    /// the unit's lock.
+    fn flush_endpoints(&self) {
+        let endpoints: Vec<(u16, Arc<dyn Device>)> = lock(&self.slot.endpoints)
+            .iter()
+            .filter_map(|(rid, w)| Some((*rid, w.upgrade()?)))
+            .collect();
+        for (rid, device) in endpoints {
+            drop(device.invalidate_atc(&AtcInvalidation::all(RequesterId(rid))));
+        }
+    }
+
     fn needs_service(st: &UnitState) -> bool {
         match &st.model {
             Model::Vtd(v) => v.queue_needs_service(),
@@ -910,12 +924,15 @@ impl Device for ViommuDevice {
     }
 
     fn reset(&self) -> Result<(), DeviceError> {
-        let mut st = lock(&self.unit.state);
-        st.model.reset();
-        st.pending_atc.clear();
-        st.atc_epoch = st.atc_epoch.wrapping_add(1);
-        st.config.reset();
-        st.msix_table.fill(0);
+        {
+            let mut st = lock(&self.unit.state);
+            st.model.reset();
+            st.pending_atc.clear();
+            st.atc_epoch = st.atc_epoch.wrapping_add(1);
+            st.config.reset();
+            st.msix_table.fill(0);
+        }
+        self.unit.flush_endpoints();
         Ok(())
     }
 
@@ -923,9 +940,14 @@ impl Device for ViommuDevice {
         lock(&self.unit.state).memory = Some(memory);
     }
 
+    /// The model keeps its registers for the next client, but its tables were the client's
+    /// memory: the endpoints' ATCs are emptied and their DMA faults until a client is back.
     fn detach(&self) {
-        let mut st = lock(&self.unit.state);
-        st.memory = None;
-        st.irqs.clear();
+        {
+            let mut st = lock(&self.unit.state);
+            st.memory = None;
+            st.irqs.clear();
+        }
+        self.unit.flush_endpoints();
     }
 }
