@@ -340,6 +340,41 @@ fn pasid_of(p: Option<u32>) -> Option<Pasid> {
     p.and_then(|v| Pasid::new(v).ok())
 }
 
+/// The naturally aligned range of 2^`size_log2` bytes around `base` (at least a page; the
+/// whole space from 64 bits on).
+fn range_of(base: u64, size_log2: u32) -> InvalidationRange {
+    let log2 = size_log2.clamp(12, 64) as u8;
+    let aligned = base
+        & !1u64
+            .checked_shl(u32::from(log2))
+            .map_or(u64::MAX, |s| s - 1);
+    AtsRange::new(aligned, log2)
+        .unwrap_or(AtsRange::everything())
+        .into()
+}
+
+/// A VT-d device-TLB invalidation (type 3 / 8) as the ATS contract's invalidation.
+fn from_vtd(i: &vtd::AtcInvalidation) -> AtcInvalidation {
+    AtcInvalidation {
+        requester: RequesterId(i.sid),
+        pasid: pasid_of(i.pasid),
+        global: i.global,
+        range: range_of(i.base, u32::from(i.size_log2)),
+    }
+}
+
+/// An SMMUv3 ATC_INV as the ATS contract's invalidation. StreamIDs above 16 bits name no
+/// requester vfud serves; they are truncated (and then reach nothing or an unrelated id whose
+/// ATC merely loses entries, which is always safe).
+fn from_smmuv3(i: &smmuv3::AtcInvalidation) -> AtcInvalidation {
+    AtcInvalidation {
+        requester: RequesterId(i.sid as u16),
+        pasid: pasid_of(i.ssid),
+        global: i.global,
+        range: range_of(i.start, i.size_log2),
+    }
+}
+
 impl ViommuUnit {
     /// Collects the model's outputs: interrupts are signalled now, invalidations returned for
     /// delivery after the lock is released.
@@ -353,22 +388,11 @@ impl ViommuUnit {
                         vtd::VtdEvent::Interrupt { source, .. } => {
                             vectors.push(vector_of_vtd(source))
                         }
-                        vtd::VtdEvent::InvalidateDeviceAtc(i) => {
-                            let size_log2 = i.size_log2.max(12);
-                            let range = AtsRange::new(i.base, size_log2)
-                                .map(InvalidationRange::from)
-                                .unwrap_or(AtsRange::everything().into());
-                            deliveries.push(Delivery {
-                                tag: i.tag,
-                                epoch: st.atc_epoch,
-                                invalidation: AtcInvalidation {
-                                    requester: RequesterId(i.sid),
-                                    pasid: pasid_of(i.pasid),
-                                    global: i.global,
-                                    range,
-                                },
-                            });
-                        }
+                        vtd::VtdEvent::InvalidateDeviceAtc(i) => deliveries.push(Delivery {
+                            tag: i.tag,
+                            epoch: st.atc_epoch,
+                            invalidation: from_vtd(&i),
+                        }),
                     }
                 }
             }
@@ -378,26 +402,11 @@ impl ViommuUnit {
                         smmuv3::Smmuv3Output::Interrupt(i) => {
                             vectors.push(vector_of_smmuv3(i.source))
                         }
-                        smmuv3::Smmuv3Output::AtcInvalidate(i) => {
-                            let range = if i.size_log2 >= 52 {
-                                AtsRange::everything().into()
-                            } else {
-                                let log2 = (i.size_log2 + 12) as u8;
-                                AtsRange::new(i.start & !((1u64 << log2) - 1), log2)
-                                    .map(InvalidationRange::from)
-                                    .unwrap_or(AtsRange::everything().into())
-                            };
-                            deliveries.push(Delivery {
-                                tag: i.id,
-                                epoch: st.atc_epoch,
-                                invalidation: AtcInvalidation {
-                                    requester: RequesterId(i.sid as u16),
-                                    pasid: pasid_of(i.ssid),
-                                    global: i.global,
-                                    range,
-                                },
-                            });
-                        }
+                        smmuv3::Smmuv3Output::AtcInvalidate(i) => deliveries.push(Delivery {
+                            tag: i.id,
+                            epoch: st.atc_epoch,
+                            invalidation: from_smmuv3(&i),
+                        }),
                         smmuv3::Smmuv3Output::PriResponse(r) => {
                             tracing::debug!(device = %self.name, sid = r.sid, prgi = r.prgi, "PRI response without a PRI-capable endpoint; dropped");
                         }
@@ -949,5 +958,101 @@ impl Device for ViommuDevice {
             st.irqs.clear();
         }
         self.unit.flush_endpoints();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_invalidations_keep_their_range_pasid_and_requester() {
+        let v = from_vtd(&vtd::AtcInvalidation {
+            tag: 1,
+            sid: 0x18,
+            pasid: Some(5),
+            global: true,
+            base: 0x1000_2000,
+            size_log2: 13,
+        });
+        assert_eq!(v.requester, RequesterId(0x18));
+        assert_eq!(v.pasid.map(Pasid::get), Some(5));
+        assert!(v.global);
+        assert_eq!((v.range.first, v.range.last), (0x1000_2000, 0x1000_3fff));
+        let s = from_smmuv3(&smmuv3::AtcInvalidation {
+            id: 2,
+            sid: 0x18,
+            ssid: None,
+            global: false,
+            start: 0x1000_0000,
+            size_log2: 12,
+        });
+        assert_eq!((s.range.first, s.range.last), (0x1000_0000, 0x1000_0fff));
+        assert_eq!(s.pasid, None);
+        let all = from_smmuv3(&smmuv3::AtcInvalidation {
+            size_log2: 64,
+            ..smmuv3::AtcInvalidation {
+                id: 3,
+                sid: 1,
+                ssid: None,
+                global: false,
+                start: 0,
+                size_log2: 0,
+            }
+        });
+        assert_eq!((all.range.first, all.range.last), (0, u64::MAX));
+    }
+
+    #[test]
+    fn a_port_without_a_running_unit_fails_at_once_and_a_new_unit_takes_the_slot() {
+        let registry = ViommuRegistry::default();
+        let port = registry.slot("iommu0").port(0x18);
+        assert_eq!(
+            port.untranslated(None, 0x1000, false, false),
+            Err(RemapError::Unavailable)
+        );
+        let spec: ViommuSpec = serde_json::from_str(
+            r#"{"model": "vtd", "device_iotlb": true, "pasid_bits": 20, "fs1gp": true}"#,
+        )
+        .unwrap();
+        let device = ViommuDevice::new("iommu0", &spec, registry.slot("iommu0")).unwrap();
+        assert_eq!(device.region(0).unwrap().description.size, 0x1000);
+        // Running but without a client: no memory to walk, the access fails without a fault.
+        assert_eq!(
+            port.untranslated(None, 0x1000, false, false),
+            Err(RemapError::Unavailable)
+        );
+        let answer = ready_now(port.translate(&TranslationRequest {
+            requester: RequesterId(0x18),
+            pasid: None,
+            address: 0x1000,
+            length: 0x1000,
+            no_write: false,
+            exec: false,
+            privileged: false,
+            stu_log2: 12,
+        }));
+        assert_eq!(answer, Err(TranslationError::Unavailable));
+        drop(device);
+        assert!(registry.slot("iommu0").unit().is_none());
+        let smmu: ViommuSpec = serde_json::from_str(
+            r#"{"model": "smmuv3", "ats": true, "ril": true, "ssidsize": 20, "oas": 48}"#,
+        )
+        .unwrap();
+        let device = ViommuDevice::new("iommu0", &smmu, registry.slot("iommu0")).unwrap();
+        assert_eq!(
+            device.region(0).unwrap().description.size,
+            smmuv3::REGISTER_WINDOW_SIZE
+        );
+        assert!(registry.slot("iommu0").unit().is_some());
+    }
+
+    /// Polls a future that is ready at once (the port's answers are).
+    fn ready_now(mut f: TranslationFuture<'_>) -> crate::viommu::ats::TranslationResult {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match f.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(v) => v,
+            std::task::Poll::Pending => panic!("the port's answer is not immediate"),
+        }
     }
 }
