@@ -363,6 +363,8 @@ fn vtd_ats_dma_with_pasid_device_tlb_invalidation_faults_and_queue_errors() {
     });
     let counters = atc_counters(&mut dev);
     assert!(counters.invalidations >= 1, "{counters:?}");
+    // Exactly SRC's entry went: DST's and DST_MSG's stay.
+    assert_eq!(counters.entries, 2, "{counters:?}");
 
     // The next ATS command misses (the entry is gone; a stale hit would succeed) and finds a
     // hole: no usable translation, and ATS records no fault.
@@ -643,6 +645,8 @@ fn smmuv3_ats_dma_with_pasid_atc_invalidation_events_and_command_errors() {
     wait_for("the CMD_SYNC MSI write", || guest.r32(at) == data);
     let counters = atc_counters(&mut dev);
     assert!(counters.invalidations >= 1, "{counters:?}");
+    // Exactly SRC's entry went: DST's and DST_MSG's stay.
+    assert_eq!(counters.entries, 2, "{counters:?}");
 
     // The next ATS command misses and finds a hole; ATS records no event.
     let misses = counters.misses;
