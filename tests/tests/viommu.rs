@@ -850,3 +850,34 @@ fn check_config_names_the_file_field_and_fix_of_a_bad_viommu_link() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn smmuv3_answers_respect_a_64k_stu_and_scattered_pages_go_untranslated() {
+    let (d, mut iommu, mut dev, mut guest, _msg) =
+        setup(r#"{"type":"viommu","model":"smmuv3","ats":true,"ril":true,"ssidsize":20,"oas":48}"#);
+    program_smmu(&mut iommu, &mut guest);
+    enable_pasid(&mut dev, PASID);
+    // ATS Enable with STU = 4 (64 KiB), as a 64 KiB-page guest sets it.
+    let cap = find_ext_cap(&mut dev, 0x0f).unwrap();
+    dev.region_write(
+        vfu_protocol::command::region::CONFIG,
+        cap + 6,
+        &(0x8000u16 | 4).to_le_bytes(),
+    )
+    .unwrap();
+    let data = pattern(9);
+    guest.write(SRC_GPA, &data);
+    // SRC's 64 KiB unit holds pages mapped to scattered addresses and unmapped ones: no
+    // 64 KiB translation exists, so the answer says "untranslated only" and the engine's
+    // untranslated requests go through the model.
+    start(&mut dev, OP_COPY, SRC, DST, LEN, 0, false);
+    assert_eq!(wait_idle(&mut dev), (STATUS_DONE, ERR_NONE));
+    assert_eq!(guest.read(DST_GPA, LEN as usize), data);
+    let c = atc_counters(&mut dev);
+    assert!(c.requests >= 1, "{c:?}");
+    assert_eq!(
+        c.entries, 0,
+        "untranslated-only answers are not cached: {c:?}"
+    );
+    drop(d);
+}

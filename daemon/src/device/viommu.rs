@@ -353,6 +353,60 @@ fn range_of(base: u64, size_log2: u32) -> InvalidationRange {
         .into()
 }
 
+/// One ATS answer entry: (untranslated base, log2 size, translated, [R, W, X, Priv, Global,
+/// U]).
+type Part = (u64, u8, u64, [bool; 6]);
+
+/// Makes consecutive per-page answers conform to the requester's STU (2^`stu` bytes; every
+/// entry must be at least that large): entries of at least the STU pass; the smaller ones of
+/// one STU unit become one entry when they cover the unit contiguously in both spaces with
+/// equal rights, a hole when they are all holes, and otherwise an untranslated-only (U=1)
+/// entry, so the device uses untranslated requests there (which the model translates). A unit
+/// the answer stops inside (the entry limit) ends the answer, or is answered U=1 when it is
+/// the first.
+fn merge_to_stu(parts: &[Part], stu: u8) -> Vec<Part> {
+    let unit = 1u64 << stu.min(63);
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < parts.len() {
+        let (base, log2, _, _) = parts[i];
+        if log2 >= stu {
+            out.push(parts[i]);
+            i += 1;
+            continue;
+        }
+        let ubase = base & !(unit - 1);
+        let mut j = i;
+        while j < parts.len() && parts[j].0 & !(unit - 1) == ubase && parts[j].1 < stu {
+            j += 1;
+        }
+        let group = &parts[i..j];
+        let size = |p: &Part| 1u64.checked_shl(u32::from(p.1)).unwrap_or(u64::MAX);
+        let covered: u64 = group.iter().map(size).fold(0, u64::saturating_add);
+        let (_, _, first_t, first_f) = group[0];
+        let hole = |f: &[bool; 6]| !f[0] && !f[1];
+        let complete = base == ubase && covered >= unit;
+        if !complete && j == parts.len() && !out.is_empty() {
+            break;
+        }
+        let same_rights = group.iter().all(|p| p.3 == first_f);
+        let contiguous = group
+            .iter()
+            .all(|p| hole(&p.3) || p.2 == first_t.wrapping_add(p.0 - ubase))
+            && first_t & (unit - 1) == 0;
+        if complete && same_rights && (hole(&first_f) || contiguous) {
+            let translated = if hole(&first_f) { 0 } else { first_t };
+            out.push((ubase, stu, translated, first_f));
+        } else {
+            let any = |k: usize| group.iter().any(|p| p.3[k]);
+            let flags = [any(0), any(1), any(2), any(3), false, true];
+            out.push((ubase, stu, 0, flags));
+        }
+        i = j;
+    }
+    out
+}
+
 /// A VT-d device-TLB invalidation (type 3 / 8) as the ATS contract's invalidation.
 fn from_vtd(i: &vtd::AtcInvalidation) -> AtcInvalidation {
     AtcInvalidation {
@@ -592,27 +646,38 @@ impl ViommuUnit {
                         (t.untranslated_base, t.size_log2, t.translated, flags)
                     })
                     .collect(),
-                Model::Smmuv3(s) => s
-                    .translate_ats(
-                        &mem,
-                        &smmuv3::AtsRequest {
-                            sid: u32::from(rid),
-                            ssid: pasid,
-                            address: request.address,
-                            length: request.length,
-                            no_write: request.no_write,
-                            exec: request.exec,
-                            privileged: request.privileged,
-                        },
-                        MAX_COMPLETIONS,
-                    )
-                    .map_err(|_| refused.clone())?
-                    .into_iter()
-                    .map(|t| {
-                        let flags = [t.r, t.w, t.x, t.privileged, t.global, t.untranslated_only];
-                        (t.untranslated, t.size_log2, t.translated, flags)
-                    })
-                    .collect(),
+                Model::Smmuv3(s) => {
+                    // SMMUv3 answers per page; the whole STU units around the request are
+                    // asked for and merged (see `merge_to_stu`).
+                    let stu = request.stu_log2.clamp(12, 63);
+                    let unit = 1u64 << stu;
+                    let start = request.address & !(unit - 1);
+                    let end = request.address.saturating_add(request.length.max(1));
+                    let length = (end - start).div_ceil(unit).saturating_mul(unit);
+                    let parts: Vec<(u64, u8, u64, [bool; 6])> = s
+                        .translate_ats(
+                            &mem,
+                            &smmuv3::AtsRequest {
+                                sid: u32::from(rid),
+                                ssid: pasid,
+                                address: start,
+                                length,
+                                no_write: request.no_write,
+                                exec: request.exec,
+                                privileged: request.privileged,
+                            },
+                            MAX_COMPLETIONS,
+                        )
+                        .map_err(|_| refused.clone())?
+                        .into_iter()
+                        .map(|t| {
+                            let w = t.w && !request.no_write;
+                            let flags = [t.r, w, t.x, t.privileged, t.global, t.untranslated_only];
+                            (t.untranslated, t.size_log2, t.translated, flags)
+                        })
+                        .collect();
+                    merge_to_stu(&parts, stu)
+                }
             };
             Ok::<_, TranslationError>(entries)
         })?;
@@ -964,6 +1029,38 @@ impl Device for ViommuDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn per_page_answers_are_merged_to_the_stu() {
+        let rw = [true, true, false, false, false, false];
+        let hole = [false; 6];
+        let page = |i: u64, t: u64, f| (0x10_0000 + i * 0x1000, 12u8, t, f);
+        // 16 contiguous pages with equal rights: one 64 KiB entry.
+        let parts: Vec<Part> = (0..16)
+            .map(|i| page(i, 0x8000_0000 + i * 0x1000, rw))
+            .collect();
+        assert_eq!(
+            merge_to_stu(&parts, 16),
+            vec![(0x10_0000, 16, 0x8000_0000, rw)]
+        );
+        // Not contiguous in the translated space: untranslated only.
+        let mut scattered = parts.clone();
+        scattered[3].2 = 0x9000_0000;
+        let merged = merge_to_stu(&scattered, 16);
+        assert_eq!(merged.len(), 1);
+        assert!(merged[0].3[5], "untranslated only: {merged:?}");
+        // All holes: one hole; entries at least the STU pass unchanged.
+        let holes: Vec<Part> = (0..16).map(|i| page(i, 0, hole)).collect();
+        assert_eq!(merge_to_stu(&holes, 16), vec![(0x10_0000, 16, 0, hole)]);
+        let big = vec![(0x20_0000, 21u8, 0x4000_0000, rw)];
+        assert_eq!(merge_to_stu(&big, 16), big);
+        // The answer stops inside the second unit: it ends after the first.
+        let mut two = parts.clone();
+        two.extend((16..20).map(|i| page(i, 0x8000_0000 + i * 0x1000, rw)));
+        assert_eq!(merge_to_stu(&two, 16).len(), 1);
+        // STU of one page: unchanged.
+        assert_eq!(merge_to_stu(&parts, 12), parts);
+    }
 
     #[test]
     fn model_invalidations_keep_their_range_pasid_and_requester() {
