@@ -12,7 +12,7 @@ use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
 
 use crate::policy::{CompatLevel, PasidCapOffset, EXT_CAP_MIN_OFFSET, PASID_CAP_MAX_OFFSET};
 use crate::schema::{DeviceConfig, CONFIG_VERSION, MAX_NAME_LEN};
-use crate::viommu::{Auto, RawRegister};
+use crate::viommu::{Auto, RawRegister, RequesterIdSpec};
 
 impl<T: JsonSchema> JsonSchema for Auto<T> {
     fn schema_name() -> Cow<'static, str> {
@@ -74,6 +74,22 @@ impl JsonSchema for PasidCapOffset {
             "oneOf": [
                 {"type": "integer", "minimum": min, "maximum": max, "multipleOf": 4},
                 {"type": "string", "pattern": "^(0[xX][0-9a-fA-F]+|[0-9]+)$"}
+            ]
+        })
+    }
+}
+
+impl JsonSchema for RequesterIdSpec {
+    fn schema_name() -> Cow<'static, str> {
+        "RequesterIdSpec".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "A PCI requester id on segment 0: \"00:03.0\" (bus:device.function, hexadecimal), \"0000:00:03.0\", or the integer bus << 8 | device << 3 | function.",
+            "oneOf": [
+                {"type": "integer", "minimum": 0, "maximum": 65535},
+                {"type": "string", "pattern": "^([0]{4}:)?[0-9a-fA-F]{2}:[01][0-9a-fA-F]\\.[0-7]$"}
             ]
         })
     }

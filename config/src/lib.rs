@@ -33,7 +33,9 @@ mod viommu;
 
 pub use error::{ConfigError, ConfigErrors, Origin};
 pub use json_schema::device_config_schema;
-pub use load::{config_files, load_file, load_paths, parse_str, MAX_CONFIG_BYTES};
+pub use load::{
+    check_viommu_links, config_files, load_file, load_paths, parse_str, MAX_CONFIG_BYTES,
+};
 pub use parse::MAX_SOCKET_PATH_LEN;
 pub use policy::{
     CapabilityPolicies, CapabilityPolicy, CompatLevel, IommuSpec, PasidCapOffset, PolicyOrigin,
@@ -44,8 +46,8 @@ pub use schema::{
     CONFIG_VERSION, MAX_NAME_LEN,
 };
 pub use viommu::{
-    Auto, RawRegister, Smmuv3HostRegisters, ViommuSpec, VtdHostRegisters, MAX_VIOMMU_PASID_BITS,
-    SMMUV3_OAS_BITS,
+    Auto, RawRegister, RequesterIdSpec, Smmuv3HostRegisters, ViommuAttachment, ViommuSpec,
+    VtdHostRegisters, MAX_VIOMMU_PASID_BITS, SMMUV3_OAS_BITS,
 };
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{ConfigError, ConfigErrors, Origin};
 use crate::parse::parse_bytes;
-use crate::schema::DeviceConfig;
+use crate::schema::{DeviceConfig, DeviceSpec};
 
 /// Largest configuration file read, in bytes. Real configurations are a few
 /// hundred bytes; the cap keeps a wrong path (say `/dev/zero`) from
@@ -99,6 +99,7 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<Vec<DeviceConfig>, ConfigErrors> 
     }
 
     check_unique(&loaded, &mut errors);
+    errors.extend(check_viommu_links(&loaded));
     if errors.is_empty() {
         Ok(loaded.into_iter().map(|(_, config)| config).collect())
     } else {
@@ -216,4 +217,74 @@ fn read_config(path: &Path) -> Result<Vec<u8>, ConfigError> {
         });
     }
     Ok(bytes)
+}
+
+/// Checks the devices that name a `"type": "viommu"` device (`"viommu": "<name>"`) against the
+/// devices loaded together: the name must exist and be a vIOMMU device, and no two devices
+/// behind one vIOMMU may share a requester id. Returns one error per offending file, naming
+/// the field and the fix; the caller decides what to do with the files (the daemon serves the
+/// others).
+pub fn check_viommu_links(loaded: &[(PathBuf, DeviceConfig)]) -> Vec<ConfigError> {
+    let mut errors = Vec::new();
+    let by_name: HashMap<&str, (&Path, &DeviceConfig)> = loaded
+        .iter()
+        .map(|(file, c)| (c.name.as_str(), (file.as_path(), c)))
+        .collect();
+    let viommus: Vec<&str> = loaded
+        .iter()
+        .filter(|(_, c)| matches!(c.device, DeviceSpec::Viommu(_)))
+        .map(|(_, c)| c.name.as_str())
+        .collect();
+    let mut used: HashMap<(&str, u16), (&str, &Path)> = HashMap::new();
+    for (file, config) in loaded {
+        let DeviceSpec::Emulated(e) = &config.device else {
+            continue;
+        };
+        let Some((target, rid)) = e.viommu_device() else {
+            continue;
+        };
+        let fail = |path: &str, reason: String| ConfigError::ValidateField {
+            origin: Origin::File(file.clone()),
+            path: path.to_owned(),
+            reason,
+        };
+        match by_name.get(target) {
+            None => {
+                let known = if viommus.is_empty() {
+                    "none is configured; add a device of \"type\": \"viommu\"".to_owned()
+                } else {
+                    format!("configured vIOMMU devices: {}", viommus.join(", "))
+                };
+                errors.push(fail(
+                    "device.viommu",
+                    format!("no device named \"{target}\" is configured; name a device of \"type\": \"viommu\" ({known})"),
+                ));
+                continue;
+            }
+            Some((other, c)) if !matches!(c.device, DeviceSpec::Viommu(_)) => {
+                errors.push(fail(
+                    "device.viommu",
+                    format!(
+                        "device \"{target}\" ({}) is not a vIOMMU; name a device of \"type\": \"viommu\", or give a model block such as {{\"model\": \"vtd\"}}",
+                        other.display()
+                    ),
+                ));
+                continue;
+            }
+            Some(_) => {}
+        }
+        match used.get(&(target, rid.0)) {
+            Some((first, first_file)) => errors.push(fail(
+                "device.requester_id",
+                format!(
+                    "requester id {rid} behind vIOMMU \"{target}\" is already used by device \"{first}\" ({}); give each device its own requester id",
+                    first_file.display()
+                ),
+            )),
+            None => {
+                used.insert((target, rid.0), (config.name.as_str(), file.as_path()));
+            }
+        }
+    }
+    errors
 }

@@ -38,6 +38,7 @@ pub const MAX_SOCKET_PATH_LEN: usize = 107;
 #[serde(rename_all = "kebab-case")]
 pub(crate) enum DeviceType {
     Emulated,
+    Viommu,
     Host,
 }
 
@@ -273,6 +274,7 @@ fn diagnose_device(device: &Value) -> Option<(String, String)> {
     let fields = Value::Object(fields);
     match kind {
         DeviceType::Emulated => first_error::<EmulatedDevice>(&fields, "device"),
+        DeviceType::Viommu => first_error::<crate::viommu::ViommuSpec>(&fields, "device"),
         DeviceType::Host => first_error::<HostDevice>(&fields, "device"),
     }
 }
@@ -364,8 +366,31 @@ fn check_device(device: &DeviceSpec) -> Vec<(&'static str, String)> {
                     ));
                 }
             }
-            if let Some(viommu) = &emulated.viommu {
+            if let Some(viommu) = emulated.viommu_spec() {
                 problems.extend(viommu.problems());
+            }
+            match (emulated.viommu_device(), emulated.requester_id) {
+                (Some(_), None) => problems.push((
+                    "device.requester_id",
+                    "missing: a device behind a \"viommu\" device needs its requester id, e.g. \"requester_id\": \"00:03.0\"".to_owned(),
+                )),
+                (None, Some(_)) => problems.push((
+                    "device.requester_id",
+                    "only applies to a device that names a \"viommu\" device (\"viommu\": \"<name>\"); remove it or name the vIOMMU device".to_owned(),
+                )),
+                _ => {}
+            }
+        }
+        DeviceSpec::Viommu(spec) => {
+            for (path, reason) in spec.problems() {
+                // The properties sit directly in `device` here, not in `device.viommu`.
+                let path = match path {
+                    "device.viommu.ssidsize" => "device.ssidsize",
+                    "device.viommu.oas" => "device.oas",
+                    "device.viommu.pasid_bits" => "device.pasid_bits",
+                    other => other,
+                };
+                problems.push((path, reason));
             }
         }
         DeviceSpec::Host(host) => problems.extend(check_host(host)),

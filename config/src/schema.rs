@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::policy::{CapabilityPolicies, CapabilityPolicy, CompatLevel, IommuSpec, PasidCapOffset};
-use crate::viommu::ViommuSpec;
+use crate::viommu::{RequesterIdSpec, ViommuAttachment, ViommuSpec};
 
 /// The only configuration schema version this crate understands.
 ///
@@ -59,6 +59,10 @@ pub struct DeviceConfig {
 pub enum DeviceSpec {
     /// A device implemented entirely in software by the daemon.
     Emulated(EmulatedDevice),
+    /// An embedded vIOMMU model (`"model": "vtd"` or `"smmuv3"`, with its properties) served
+    /// as its own PCI function: its register window is BAR0 and its interrupts are MSI-X
+    /// vectors. Emulated devices attach to it with `"viommu": "<this device's name>"`.
+    Viommu(ViommuSpec),
     /// A real PCI device, opened through Linux iommufd and the VFIO character device.
     Host(HostDevice),
 }
@@ -169,9 +173,15 @@ pub struct EmulatedDevice {
     /// host devices. Exists to exercise and demonstrate that path on any machine.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pasid_cap_hidden: bool,
-    /// The vIOMMU model in front of the device and, for `auto`, the host IOMMU's registers.
+    /// The vIOMMU model in front of the device and, for `auto`, the host IOMMU's registers
+    /// (an object); or the name of a `"type": "viommu"` device to sit behind (a string, with
+    /// `requester_id`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub viommu: Option<ViommuSpec>,
+    pub viommu: Option<ViommuAttachment>,
+    /// The device's requester id behind the `"viommu"` device it names: `"00:03.0"` or an
+    /// integer. Required with, and only allowed with, a string `viommu`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requester_id: Option<RequesterIdSpec>,
 }
 
 impl EmulatedDevice {
@@ -187,7 +197,20 @@ impl EmulatedDevice {
             pasid_cap_offset: None,
             pasid_cap_hidden: false,
             viommu: None,
+            requester_id: None,
         }
+    }
+
+    /// The `viommu` model block, if the field holds one (not a device name).
+    pub fn viommu_spec(&self) -> Option<&ViommuSpec> {
+        self.viommu.as_ref().and_then(ViommuAttachment::spec)
+    }
+
+    /// The named `"type": "viommu"` device and the requester id behind it, if the device is
+    /// attached to one (both are present once loaded through this crate).
+    pub fn viommu_device(&self) -> Option<(&str, RequesterIdSpec)> {
+        let name = self.viommu.as_ref().and_then(ViommuAttachment::device)?;
+        Some((name, self.requester_id.unwrap_or(RequesterIdSpec(0))))
     }
 
     /// The effective `ats`/`pasid`/`pri` policies: explicit values over the compat level's

@@ -58,6 +58,7 @@ fn inline(text: &str) -> Result<DeviceConfig, ConfigError> {
 fn device_type_of(spec: &DeviceSpec) -> DeviceType {
     match spec {
         DeviceSpec::Emulated(_) => DeviceType::Emulated,
+        DeviceSpec::Viommu(_) => DeviceType::Viommu,
         DeviceSpec::Host(_) => DeviceType::Host,
     }
 }
@@ -819,7 +820,7 @@ fn viommu_blocks_parse_and_report_problems() {
         ssidsize,
         oas,
         host: Some(host),
-    }) = e.viommu
+    }) = e.viommu_spec().copied()
     else {
         panic!("{:?}", e.viommu);
     };
@@ -843,7 +844,7 @@ fn viommu_blocks_parse_and_report_problems() {
         panic!("an emulated device");
     };
     assert!(
-        matches!(e.viommu, Some(ViommuSpec::Vtd { device_iotlb: Auto::Auto, host: Some(h), .. }) if h.cap.0 == 0x19ed_008c_4078_0c66)
+        matches!(e.viommu_spec().copied(), Some(ViommuSpec::Vtd { device_iotlb: Auto::Auto, host: Some(h), .. }) if h.cap.0 == 0x19ed_008c_4078_0c66)
     );
 
     for (viommu, want_path, want_reason) in [
@@ -889,6 +890,159 @@ fn viommu_blocks_parse_and_report_problems() {
     }
 }
 
+#[test]
+fn a_viommu_device_carries_its_model_properties() {
+    let c = inline(
+        r#"{"version": 1, "name": "iommu0", "socket": "/s", "device": {"type": "viommu", "model": "vtd", "pasid_bits": 20, "host": {"cap": "0x1", "ecap": 2}}}"#,
+    )
+    .unwrap();
+    assert!(
+        matches!(
+            c.device,
+            DeviceSpec::Viommu(ViommuSpec::Vtd {
+                pasid_bits: Auto::Value(20),
+                host: Some(_),
+                ..
+            })
+        ),
+        "{c:?}"
+    );
+    let text = serde_json::to_string(&c).unwrap();
+    assert_eq!(inline(&text).unwrap(), c, "{text}");
+    for (device, want_path, want_reason) in [
+        (
+            r#"{"type": "viommu", "model": "smmuv3", "oas": 40}"#,
+            "device.oas",
+            "not 40",
+        ),
+        (
+            r#"{"type": "viommu", "model": "vtd", "pasid_bits": 21}"#,
+            "device.pasid_bits",
+            "21 bits",
+        ),
+        (
+            r#"{"type": "viommu", "model": "vtd", "ats": true}"#,
+            "device",
+            "unknown field",
+        ),
+        (
+            r#"{"type": "viommu", "model": "amd"}"#,
+            "device.model",
+            "unknown variant",
+        ),
+    ] {
+        let text = format!(r#"{{"version": 1, "name": "i", "socket": "/s", "device": {device}}}"#);
+        let (path, reason) = field_err(inline(&text));
+        assert_eq!(path, want_path, "{device}: {reason}");
+        assert!(reason.contains(want_reason), "{device}: {reason}");
+    }
+}
+
+#[test]
+fn a_device_names_its_viommu_device_with_a_requester_id() {
+    for (rid, want) in [
+        (r#""00:03.0""#, 0x18),
+        (r#""0000:01:1f.7""#, 0x1ff),
+        ("24", 24),
+    ] {
+        let c = inline(&with_device_fields(&format!(
+            r#""viommu": "iommu0", "requester_id": {rid}"#
+        )))
+        .unwrap();
+        let e = emulated(&c);
+        assert_eq!(
+            e.viommu_device(),
+            Some(("iommu0", crate::RequesterIdSpec(want))),
+            "{rid}"
+        );
+        assert_eq!(e.viommu_spec(), None);
+        let text = serde_json::to_string(&c).unwrap();
+        assert_eq!(inline(&text).unwrap(), c, "{text}");
+    }
+    for (fields, want_path, want_reason) in [
+        (r#""viommu": "iommu0""#, "device.requester_id", "missing"),
+        (
+            r#""requester_id": "00:03.0""#,
+            "device.requester_id",
+            "only applies",
+        ),
+        (
+            r#""viommu": "iommu0", "requester_id": "00:20.0""#,
+            "device.requester_id",
+            "not a requester id",
+        ),
+        (
+            r#""viommu": "iommu0", "requester_id": "0001:00:03.0""#,
+            "device.requester_id",
+            "segment",
+        ),
+        (
+            r#""viommu": "iommu0", "requester_id": 65536"#,
+            "device.requester_id",
+            "16 bits",
+        ),
+        (r#""viommu": 5"#, "device.viommu", "name of a device"),
+    ] {
+        let (path, reason) = field_err(inline(&with_device_fields(fields)));
+        assert_eq!(path, want_path, "{fields}: {reason}");
+        assert!(reason.contains(want_reason), "{fields}: {reason}");
+    }
+}
+
+#[test]
+fn viommu_links_are_checked_across_files() {
+    let dir = std::env::temp_dir().join(format!("vfu-config-links-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |file: &str, name: &str, device: &str| {
+        std::fs::write(
+            dir.join(file),
+            format!(
+                r#"{{"version": 1, "name": "{name}", "socket": "{name}.sock", "device": {device}}}"#
+            ),
+        )
+        .unwrap();
+    };
+    write("a.json", "iommu0", r#"{"type": "viommu", "model": "vtd"}"#);
+    write(
+        "b.json",
+        "dma0",
+        r#"{"type": "emulated", "model": "ats-dma", "viommu": "iommu0", "requester_id": "00:03.0"}"#,
+    );
+    assert!(load_paths(std::slice::from_ref(&dir)).is_ok());
+    write(
+        "c.json",
+        "dma1",
+        r#"{"type": "emulated", "model": "ats-dma", "viommu": "iommu0", "requester_id": 24}"#,
+    );
+    write(
+        "d.json",
+        "dma2",
+        r#"{"type": "emulated", "model": "ats-dma", "viommu": "nope", "requester_id": 1}"#,
+    );
+    write(
+        "e.json",
+        "dma3",
+        r#"{"type": "emulated", "model": "ats-dma", "viommu": "dma0", "requester_id": 2}"#,
+    );
+    let errors = load_paths(std::slice::from_ref(&dir))
+        .unwrap_err()
+        .into_vec();
+    let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+    assert_eq!(text.len(), 3, "{text:#?}");
+    assert!(text[0].contains("c.json: at device.requester_id: requester id 00:03.0 behind vIOMMU \"iommu0\" is already used by device \"dma0\""), "{text:#?}");
+    assert!(
+        text[1].contains("d.json: at device.viommu: no device named \"nope\"")
+            && text[1].contains("iommu0"),
+        "{text:#?}"
+    );
+    assert!(
+        text[2].contains("e.json: at device.viommu: device \"dma0\"")
+            && text[2].contains("is not a vIOMMU"),
+        "{text:#?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
 #[test]
 fn host_device_by_pci_address_parses_with_defaults() {
     let config = inline(

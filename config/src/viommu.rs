@@ -217,3 +217,152 @@ impl ViommuSpec {
         out
     }
 }
+
+/// What an emulated device's `"viommu"` field holds.
+///
+/// * An object (`{"model": "vtd", ...}`): the vIOMMU a VMM puts in front of the device; vfud
+///   only resolves its properties (capability policy, `vfud resolve`) and translates from the
+///   client's DMA maps (shadow mode).
+/// * A string: the name of a device of `"type": "viommu"` served by the same daemon; the
+///   device sits behind that embedded model with the requester id in `"requester_id"`, and its
+///   ATS requests and DMA go through the model.
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(untagged)]
+pub enum ViommuAttachment {
+    /// A vIOMMU model block.
+    Model(ViommuSpec),
+    /// The name of a `"type": "viommu"` device.
+    Device(String),
+}
+
+impl ViommuAttachment {
+    /// The model block, if the field holds one.
+    pub fn spec(&self) -> Option<&ViommuSpec> {
+        match self {
+            ViommuAttachment::Model(spec) => Some(spec),
+            ViommuAttachment::Device(_) => None,
+        }
+    }
+
+    /// The named vIOMMU device, if the field holds a name.
+    pub fn device(&self) -> Option<&str> {
+        match self {
+            ViommuAttachment::Model(_) => None,
+            ViommuAttachment::Device(name) => Some(name),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ViommuAttachment {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct AttachmentVisitor;
+        impl<'de> Visitor<'de> for AttachmentVisitor {
+            type Value = ViommuAttachment;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(
+                    "a vIOMMU block such as {\"model\": \"vtd\"} or the name of a device of \"type\": \"viommu\"",
+                )
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ViommuAttachment, E> {
+                Ok(ViommuAttachment::Device(v.to_owned()))
+            }
+
+            fn visit_map<A: de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<ViommuAttachment, A::Error> {
+                ViommuSpec::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(ViommuAttachment::Model)
+            }
+        }
+        deserializer.deserialize_any(AttachmentVisitor)
+    }
+}
+
+/// A PCI requester id (bus, device, function) on segment 0: written `"00:03.0"`,
+/// `"0000:00:03.0"` or as the 16-bit integer `bus << 8 | device << 3 | function`. The
+/// embedded VT-d model uses it as the source id; the SMMUv3 model as the StreamID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequesterIdSpec(pub u16);
+
+impl RequesterIdSpec {
+    /// Parses `[0000:]BB:DD.F` (hexadecimal bus and device, device < 0x20, function < 8).
+    pub fn parse(text: &str) -> Result<RequesterIdSpec, String> {
+        let bad = || {
+            format!(
+                "{} is not a requester id; write it as \"00:03.0\" (bus:device.function in hexadecimal, segment 0) or as an integer 0 to 65535",
+                serde_json::Value::String(text.to_owned())
+            )
+        };
+        let rest = match text.split_once(':') {
+            Some((segment, rest)) if rest.contains(':') => {
+                if u16::from_str_radix(segment, 16).map_err(|_| bad())? != 0 {
+                    return Err(format!(
+                        "{} is on PCI segment {segment}; the embedded vIOMMU models have one segment, use segment 0000",
+                        serde_json::Value::String(text.to_owned())
+                    ));
+                }
+                rest
+            }
+            _ => text,
+        };
+        let (bus, devfn) = rest.split_once(':').ok_or_else(bad)?;
+        let (dev, func) = devfn.split_once('.').ok_or_else(bad)?;
+        let bus = u8::from_str_radix(bus, 16).map_err(|_| bad())?;
+        let dev = u8::from_str_radix(dev, 16).map_err(|_| bad())?;
+        let func = func.parse::<u8>().map_err(|_| bad())?;
+        if dev >= 0x20 || func >= 8 {
+            return Err(bad());
+        }
+        Ok(RequesterIdSpec(
+            u16::from(bus) << 8 | u16::from(dev) << 3 | u16::from(func),
+        ))
+    }
+}
+
+impl fmt::Display for RequesterIdSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let v = self.0;
+        write!(f, "{:02x}:{:02x}.{}", v >> 8, (v >> 3) & 0x1f, v & 7)
+    }
+}
+
+impl Serialize for RequesterIdSpec {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for RequesterIdSpec {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct RidVisitor;
+        impl Visitor<'_> for RidVisitor {
+            type Value = RequesterIdSpec;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a requester id such as \"00:03.0\" or an integer 0 to 65535")
+            }
+
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<RequesterIdSpec, E> {
+                u16::try_from(v).map(RequesterIdSpec).map_err(|_| {
+                    E::custom(format!(
+                        "{v} is not a requester id; it is 16 bits (0 to 65535)"
+                    ))
+                })
+            }
+
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<RequesterIdSpec, E> {
+                u64::try_from(v)
+                    .map_err(|_| E::custom(format!("{v} is not a requester id; it is 0 to 65535")))
+                    .and_then(|v| self.visit_u64(v))
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RequesterIdSpec, E> {
+                RequesterIdSpec::parse(v).map_err(E::custom)
+            }
+        }
+        deserializer.deserialize_any(RidVisitor)
+    }
+}

@@ -188,7 +188,7 @@ fn check_config(paths: &[PathBuf]) -> ExitCode {
         match vfud::device::resolve_capabilities(c) {
             Ok(decisions) => {
                 println!("ok: {} -> {}", c.name, c.socket.display());
-                for decision in decisions.iter() {
+                for decision in decisions.iter().flat_map(|d| d.iter()) {
                     println!("{}: {decision}", c.name);
                 }
             }

@@ -392,6 +392,62 @@ pub mod ats_dma {
         );
     }
 
+    /// The config-space offset of extended capability `id`, found by walking the chain from
+    /// 0x100 as a driver does (`pci_find_ext_capability`).
+    pub fn find_ext_cap(c: &mut Client, id: u16) -> Option<u64> {
+        let mut at = 0x100u64;
+        for _ in 0..64 {
+            let header = c
+                .read_u32(vfu_protocol::command::region::CONFIG, at)
+                .unwrap();
+            if header == 0 || header == 0xffff_ffff {
+                return None;
+            }
+            if header & 0xffff == u32::from(id) {
+                return Some(at);
+            }
+            at = u64::from(header >> 20) & 0xffc;
+            if at < 0x100 {
+                return None;
+            }
+        }
+        None
+    }
+
+    /// Sets PASID Enable in the PASID capability and tags the engine's requests with `pasid`
+    /// (BAR0 PASID register).
+    pub fn enable_pasid(c: &mut Client, pasid: u32) {
+        let cap = find_ext_cap(c, 0x1b).expect("a PASID capability");
+        c.region_write(
+            vfu_protocol::command::region::CONFIG,
+            cap + 6,
+            &1u16.to_le_bytes(),
+        )
+        .unwrap();
+        assert_ne!(
+            c.read_u32(0, CAP_CONTROL).unwrap() & CAP_CONTROL_PASID_ENABLE,
+            0,
+            "the engine sees PASID Enable"
+        );
+        c.write_u32(0, PASID, PASID_VALID | pasid).unwrap();
+    }
+
+    /// Sets or clears ATS Enable (STU 0) in the ATS capability found by walking the chain.
+    pub fn set_ats(c: &mut Client, enabled: bool) {
+        let cap = find_ext_cap(c, 0x0f).expect("an ATS capability");
+        let control: u16 = if enabled { 0x8000 } else { 0 };
+        c.region_write(
+            vfu_protocol::command::region::CONFIG,
+            cap + 6,
+            &control.to_le_bytes(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.read_u32(0, CAP_CONTROL).unwrap() & CAP_CONTROL_ATS_ENABLE != 0,
+            enabled
+        );
+    }
+
     /// The ATC counters in BAR0.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     pub struct AtcCounters {

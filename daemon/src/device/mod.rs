@@ -8,6 +8,7 @@ pub mod emulated;
 pub mod eventfd;
 pub mod host;
 pub mod irq;
+pub mod viommu;
 
 use std::sync::Arc;
 
@@ -226,6 +227,9 @@ pub enum CreateDeviceError {
     /// The device's `viommu` block cannot be resolved against its host IOMMU.
     #[error(transparent)]
     ResolveViommu(#[from] ResolveError),
+    /// The embedded vIOMMU model of a `viommu` device cannot be created.
+    #[error(transparent)]
+    CreateViommu(#[from] viommu::ViommuDeviceError),
     /// The host device could not be opened; the message names the device and the fix.
     #[error(transparent)]
     OpenHost(host::HostDeviceError),
@@ -245,8 +249,9 @@ pub fn viommu_model(
     config: &vfu_config::DeviceConfig,
 ) -> Result<Option<(ResolvedViommu, HostIommuInfo)>, ResolveError> {
     match &config.device {
+        vfu_config::DeviceSpec::Viommu(_) => Ok(None),
         vfu_config::DeviceSpec::Emulated(e) => {
-            let Some(spec) = &e.viommu else {
+            let Some(spec) = e.viommu_spec() else {
                 return Ok(None);
             };
             let host =
@@ -274,6 +279,20 @@ pub fn policy_request<'a>(
             pasid_cap_hidden: e.pasid_cap_hidden,
             pasid_cap_offset: e.pasid_cap_offset.map(vfu_config::PasidCapOffset::get),
         },
+        // A vIOMMU function has no ATS, PASID or PRI capability: every policy is off.
+        vfu_config::DeviceSpec::Viommu(_) => PolicyRequest {
+            device_name: &config.name,
+            policies: vfu_config::CompatLevel::CURRENT.resolve(
+                Some(vfu_config::CapabilityPolicy::Off),
+                Some(vfu_config::CapabilityPolicy::Off),
+                Some(vfu_config::CapabilityPolicy::Off),
+            ),
+            host: HostIommuCaps::from_spec(&vfu_config::IommuSpec::default()),
+            iommu_source: IommuSource::ConfigBlock,
+            viommu_pasid: None,
+            pasid_cap_hidden: false,
+            pasid_cap_offset: None,
+        },
         // The real inputs come from the device when it is opened (host::HostPciDevice::open);
         // this is what is known without it.
         vfu_config::DeviceSpec::Host(h) => PolicyRequest {
@@ -296,39 +315,78 @@ pub fn policy_request<'a>(
 
 /// What the capability policy decides for a configured device, without creating it (no file
 /// descriptors, no sockets): for `vfud check-config`. Fails exactly when [`create`] would fail
-/// for policy reasons.
+/// for policy reasons (or, for a `viommu` device, when its properties do not resolve). `None`
+/// for a device without managed capabilities (a `viommu` device).
 pub fn resolve_capabilities(
     config: &vfu_config::DeviceConfig,
-) -> Result<ResolvedCapabilities, CreateDeviceError> {
+) -> Result<Option<ResolvedCapabilities>, CreateDeviceError> {
     let viommu = viommu_model(config)?.map(|(m, _)| m);
     let request = policy_request(config, viommu.as_ref());
     match &config.device {
         vfu_config::DeviceSpec::Emulated(e) => match e.model {
             vfu_config::EmulatedModel::AtsDma => {
-                Ok(emulated::ats_dma::plan(&request)?.decisions().clone())
+                Ok(Some(emulated::ats_dma::plan(&request)?.decisions().clone()))
             }
         },
+        vfu_config::DeviceSpec::Viommu(spec) => {
+            viommu::resolve_spec(&config.name, spec)?;
+            Ok(None)
+        }
         vfu_config::DeviceSpec::Host(_) => Err(CreateDeviceError::ResolveHost {
             name: config.name.clone(),
         }),
     }
 }
 
-/// Creates the device a configuration describes, with its capability policy applied.
+/// Creates the device a configuration describes, with its capability policy applied, on its
+/// own: a `viommu` device or a device naming one is linked to nothing (see [`create_in`]).
 pub fn create(config: &vfu_config::DeviceConfig) -> Result<Arc<dyn Device>, CreateDeviceError> {
+    create_in(config, &viommu::ViommuRegistry::default())
+}
+
+/// Creates the device a configuration describes, with its capability policy applied. A
+/// `viommu` device registers in `viommus` under its name; a device that names one
+/// (`"viommu": "<name>"`) attaches to that name there, whether or not it runs yet.
+pub fn create_in(
+    config: &vfu_config::DeviceConfig,
+    viommus: &viommu::ViommuRegistry,
+) -> Result<Arc<dyn Device>, CreateDeviceError> {
     let viommu = viommu_model(config)?.map(|(m, _)| m);
     let request = policy_request(config, viommu.as_ref());
     match &config.device {
         vfu_config::DeviceSpec::Emulated(e) => match e.model {
-            vfu_config::EmulatedModel::AtsDma => match emulated::AtsDma::new(&request) {
-                Ok(d) => Ok(Arc::new(d)),
-                Err(emulated::ats_dma::AtsDmaError::ApplyPolicy(e)) => Err(e.into()),
-                Err(source) => Err(CreateDeviceError::CreateAtsDma {
-                    name: config.name.clone(),
-                    source,
-                }),
-            },
+            vfu_config::EmulatedModel::AtsDma => {
+                let port = e
+                    .viommu_device()
+                    .map(|(name, rid)| viommus.slot(name).port(rid.0));
+                let device = match emulated::AtsDma::new(&request) {
+                    Ok(d) => d,
+                    Err(emulated::ats_dma::AtsDmaError::ApplyPolicy(e)) => return Err(e.into()),
+                    Err(source) => {
+                        return Err(CreateDeviceError::CreateAtsDma {
+                            name: config.name.clone(),
+                            source,
+                        })
+                    }
+                };
+                let Some(port) = port else {
+                    return Ok(Arc::new(device));
+                };
+                let rid = port.requester().0;
+                let slot_name = e.viommu_device().map(|(n, _)| n).unwrap_or_default();
+                device.behind_viommu(port);
+                let device: Arc<dyn Device> = Arc::new(device);
+                viommus
+                    .slot(slot_name)
+                    .set_endpoint(rid, Arc::downgrade(&device));
+                Ok(device)
+            }
         },
+        vfu_config::DeviceSpec::Viommu(spec) => Ok(Arc::new(viommu::ViommuDevice::new(
+            &config.name,
+            spec,
+            viommus.slot(&config.name),
+        )?)),
         vfu_config::DeviceSpec::Host(_) => match host::HostPciDevice::open(config) {
             Ok(d) => Ok(Arc::new(d)),
             Err(host::HostDeviceError::ApplyPolicy(e)) => Err(e.into()),

@@ -171,6 +171,65 @@ impl GuestMemory {
         Ok(())
     }
 
+    /// Reads `[iova, iova + buf.len())` now, without waiting: only fd-backed regions can be
+    /// read this way; a region mapped without an fd fails with
+    /// [`DmaError::RequireFdBacked`]. For the embedded vIOMMU models, whose table walks and
+    /// queue processing are synchronous. The table lock is held only to resolve the range.
+    pub fn read_now(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        let len = u64::try_from(buf.len()).unwrap_or(u64::MAX);
+        let segments = self.with_table(|t| t.resolve(iova, len, false))?;
+        let mut rest = buf;
+        for seg in &segments {
+            let (chunk, tail) = usize::try_from(seg.len)
+                .ok()
+                .and_then(|n| std::mem::take(&mut rest).split_at_mut_checked(n))
+                .ok_or(DmaError::Unmapped { iova, len })?;
+            rest = tail;
+            let DmaBacking::Mapped(mapped) = &seg.region.backing else {
+                return Err(DmaError::RequireFdBacked { iova, len });
+            };
+            mapped
+                .read_at(seg.offset, chunk)
+                .map_err(|source| DmaError::MappedAccess {
+                    iova: seg.iova,
+                    len: seg.len,
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `iova` now, without waiting; fd-backed regions only, as for
+    /// [`Self::read_now`]. The whole range is checked before any byte is written.
+    pub fn write_now(&self, iova: u64, data: &[u8]) -> Result<(), DmaError> {
+        let len = u64::try_from(data.len()).unwrap_or(u64::MAX);
+        let segments = self.with_table(|t| t.resolve(iova, len, true))?;
+        if segments
+            .iter()
+            .any(|s| !matches!(s.region.backing, DmaBacking::Mapped(_)))
+        {
+            return Err(DmaError::RequireFdBacked { iova, len });
+        }
+        let mut rest = data;
+        for seg in &segments {
+            let (chunk, tail) = usize::try_from(seg.len)
+                .ok()
+                .and_then(|n| rest.split_at_checked(n))
+                .ok_or(DmaError::Unmapped { iova, len })?;
+            rest = tail;
+            if let DmaBacking::Mapped(mapped) = &seg.region.backing {
+                mapped
+                    .write_at(seg.offset, chunk)
+                    .map_err(|source| DmaError::MappedAccess {
+                        iova: seg.iova,
+                        len: seg.len,
+                        source,
+                    })?;
+            }
+        }
+        Ok(())
+    }
+
     /// Write `data` to guest memory at `iova` on behalf of the device. On
     /// error a prefix of the data may have been written.
     pub async fn write(&self, iova: u64, data: &[u8]) -> Result<(), DmaError> {

@@ -110,6 +110,16 @@ pub enum DmaError {
         /// Length of the chunk.
         len: u64,
     },
+    /// A synchronous access (an embedded vIOMMU walking its tables) reached a region the
+    /// client mapped without an fd; only fd-backed memory can be read without waiting for the
+    /// client.
+    #[error("{len:#x} bytes at iova {iova:#x} were mapped without a file descriptor; share guest RAM by fd")]
+    RequireFdBacked {
+        /// Start of the access.
+        iova: u64,
+        /// Length of the access.
+        len: u64,
+    },
     /// The client failed a DMA_READ/DMA_WRITE or answered with a payload of
     /// the wrong size (reported as `EIO`).
     #[error("the client failed message-based DMA at iova {iova:#x}")]
@@ -131,7 +141,9 @@ impl DmaError {
             Self::TooManyMaps { .. } | Self::TranslatedSpaceFull { .. } => Errno::ENOSPC,
             Self::UnmapNotFound { .. } => Errno::ENOENT,
             Self::Mmap { source, .. } => source.errno(),
-            Self::Unmapped { .. } | Self::MappedAccess { .. } => Errno::EFAULT,
+            Self::Unmapped { .. } | Self::MappedAccess { .. } | Self::RequireFdBacked { .. } => {
+                Errno::EFAULT
+            }
             Self::AccessDenied { .. } => Errno::EPERM,
             Self::MessageDmaUnavailable { .. } | Self::MessageDmaFailed { .. } => Errno::EIO,
         }

@@ -133,6 +133,8 @@ pub struct Supervisor {
     invalid: Vec<InvalidFile>,
     ended_tx: mpsc::UnboundedSender<Ended>,
     next_generation: u64,
+    /// Where `viommu` devices and the devices behind them find each other.
+    viommus: crate::device::viommu::ViommuRegistry,
 }
 
 impl std::fmt::Debug for Supervisor {
@@ -148,6 +150,10 @@ fn model_of(cfg: &DeviceConfig) -> String {
     match &cfg.device {
         vfu_config::DeviceSpec::Emulated(e) => match e.model {
             vfu_config::EmulatedModel::AtsDma => "emulated ats-dma".into(),
+        },
+        vfu_config::DeviceSpec::Viommu(spec) => match spec {
+            vfu_config::ViommuSpec::Vtd { .. } => "embedded vIOMMU vtd".into(),
+            vfu_config::ViommuSpec::Smmuv3 { .. } => "embedded vIOMMU smmuv3".into(),
         },
         vfu_config::DeviceSpec::Host(h) => format!(
             "host {}",
@@ -184,6 +190,7 @@ impl Supervisor {
                 invalid: Vec::new(),
                 ended_tx,
                 next_generation: 1,
+                viommus: Default::default(),
             },
             ended_rx,
         )
@@ -211,9 +218,11 @@ impl Supervisor {
     fn start(&mut self, config: DeviceConfig, file: Option<PathBuf>) -> Result<(), String> {
         let name = config.name.clone();
         let result = (|| {
-            let device = crate::device::create(&config).map_err(|source| StartError::Create {
-                name: name.clone(),
-                source: Box::new(source),
+            let device = crate::device::create_in(&config, &self.viommus).map_err(|source| {
+                StartError::Create {
+                    name: name.clone(),
+                    source: Box::new(source),
+                }
             })?;
             let server = DeviceServer::bind(
                 &config.name,
@@ -230,7 +239,7 @@ impl Supervisor {
         let slot = match result {
             Ok((device, server)) => {
                 // Pure and deterministic, so this is what `create` just applied.
-                let capabilities = crate::device::resolve_capabilities(&config).ok();
+                let capabilities = crate::device::resolve_capabilities(&config).ok().flatten();
                 if let Some(c) = &capabilities {
                     for decision in c.iter() {
                         tracing::info!(device = %name, "{decision}");
@@ -398,6 +407,29 @@ impl Supervisor {
                 });
                 invalid_files.push(file);
             }
+        }
+
+        // Devices naming a `viommu` device: the name must be a vIOMMU among the good files,
+        // and requester ids unique behind it. An offending file is invalid like any other.
+        let loaded: Vec<(PathBuf, DeviceConfig)> = wanted
+            .values()
+            .map(|(cfg, file)| (file.clone(), cfg.clone()))
+            .collect();
+        for e in vfu_config::check_viommu_links(&loaded) {
+            let ConfigError::ValidateField {
+                origin: vfu_config::Origin::File(file),
+                ..
+            } = &e
+            else {
+                continue;
+            };
+            tracing::error!("configuration file ignored, its device (if any) keeps its previous configuration: {e}");
+            wanted.retain(|_, (_, f)| f != file);
+            report.invalid.push(InvalidFile {
+                file: file.display().to_string(),
+                error: e.to_string(),
+            });
+            invalid_files.push(file.clone());
         }
 
         // Decide per running device: keep, restart or stop.

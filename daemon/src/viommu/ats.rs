@@ -425,6 +425,9 @@ pub enum TranslationError {
     /// The source is gone (the client disconnected).
     #[error("the translation source is no longer available")]
     Unavailable,
+    /// The model's answer does not satisfy the ATS contract ([`check_completions`]).
+    #[error("the translation source's answer is malformed")]
+    CheckAnswer(#[source] AtsError),
 }
 
 /// The answer to one translation request.

@@ -8,6 +8,7 @@
 //! same [`ats::AtcInvalidation`], so a device model never knows which one it talks to.
 
 pub mod ats;
+pub mod guest;
 pub mod resolve;
 pub mod shadow;
 pub mod smmuv3;

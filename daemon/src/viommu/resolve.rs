@@ -794,7 +794,8 @@ impl ResolveReport {
         let mut devices = Vec::new();
         for c in configs {
             let outcome = match &c.device {
-                vfu_config::DeviceSpec::Emulated(e) => match &e.viommu {
+                vfu_config::DeviceSpec::Viommu(_) => DeviceOutcome::NoViommu,
+                vfu_config::DeviceSpec::Emulated(e) => match e.viommu_spec() {
                     None => DeviceOutcome::NoViommu,
                     Some(spec) => {
                         let host = HostIommuInfo::from_config(

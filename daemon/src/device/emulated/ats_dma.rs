@@ -40,7 +40,9 @@ use vfu_protocol::wire::{
 use super::atc::{Atc, ATC_CAPACITY};
 use crate::device::eventfd::EventfdWatch;
 use crate::device::irq::IrqTable;
+use crate::device::viommu::{RemapError, Remapped, ViommuPort};
 use crate::dma::DmaError;
+use crate::viommu::ats::TranslatedSpace;
 use crate::viommu::ats::{
     check_completions, AtcCounters, AtcInvalidation, AtcInvalidationCompletion, InvalidationFuture,
     Pasid, RequesterId, TranslationCompletion, TranslationRequest, TranslationSource,
@@ -202,6 +204,15 @@ struct Job {
     generation: u64,
     /// Set when the command runs with ATS.
     ats: Option<AtsSetup>,
+    /// The PASID and privilege its requests carry (with or without ATS).
+    tag: RequestTag,
+}
+
+/// What a command's requests are tagged with, fixed when it starts.
+#[derive(Debug, Clone, Copy, Default)]
+struct RequestTag {
+    pasid: Option<Pasid>,
+    privileged: bool,
 }
 
 /// How a command tags its translation requests, fixed when it starts.
@@ -250,6 +261,9 @@ struct State {
     counters: AtcCounters,
     /// Where translations come from while a client is attached.
     source: Option<Arc<dyn TranslationSource>>,
+    /// The embedded vIOMMU the device sits behind (`"viommu": "<name>"`), fixed at creation:
+    /// then its translations, untranslated and translated DMA all go through the model.
+    viommu: Option<Arc<ViommuPort>>,
 }
 
 /// A task that unmasks INTx whenever the client's unmask trigger (KVM's resample eventfd, which
@@ -469,6 +483,7 @@ impl AtsDma {
                 atc_epoch: 0,
                 counters: AtcCounters::default(),
                 source: None,
+                viommu: None,
             })),
             bar2: Arc::new(bar2),
         })
@@ -481,6 +496,21 @@ impl AtsDma {
     pub fn set_translation_source(&self, source: Arc<dyn TranslationSource>) {
         let mut st = lock(&self.state);
         st.source = Some(source);
+        st.atc.clear();
+        st.atc_epoch = st.atc_epoch.wrapping_add(1);
+    }
+
+    /// Puts the device behind an embedded vIOMMU model: from the next client on, translation
+    /// requests go to `port` (translated addresses are guest-physical, in this device's own DMA
+    /// map table), untranslated DMA is translated by the model, and translated DMA is checked
+    /// by it. Called once, at creation.
+    pub fn behind_viommu(&self, port: ViommuPort) {
+        let mut st = lock(&self.state);
+        let port = Arc::new(port);
+        if st.memory.is_some() {
+            st.source = Some(Arc::clone(&port) as Arc<dyn TranslationSource>);
+        }
+        st.viommu = Some(port);
         st.atc.clear();
         st.atc_epoch = st.atc_epoch.wrapping_add(1);
     }
@@ -723,6 +753,18 @@ impl AtsDma {
             st.atc.clear();
             st.atc_stu = stu_log2;
         }
+        let tag = Self::request_tag(st);
+        stu_log2.map(|stu_log2| AtsSetup {
+            stu_log2,
+            pasid: tag.pasid,
+            privileged: tag.privileged,
+        })
+    }
+
+    /// The PASID (while PASID Enable is set and the PASID register is valid) and privilege
+    /// the next command's requests carry.
+    fn request_tag(st: &State) -> RequestTag {
+        let controls = st.view.controls();
         let pasid_control = controls.pasid.filter(|p| p.enabled);
         let tagged = pasid_control.is_some() && st.regs.pasid & PASID_VALID != 0;
         let pasid = tagged
@@ -731,11 +773,7 @@ impl AtsDma {
         let privileged = tagged
             && pasid_control.is_some_and(|p| p.privileged_enabled)
             && st.regs.pasid & PASID_PRIV != 0;
-        stu_log2.map(|stu_log2| AtsSetup {
-            stu_log2,
-            pasid,
-            privileged,
-        })
+        RequestTag { pasid, privileged }
     }
 
     fn doorbell(&self, st: &mut State, cmd: u32) {
@@ -753,6 +791,7 @@ impl AtsDma {
             irq: cmd & CMD_IRQ != 0,
             generation: st.generation,
             ats,
+            tag: Self::request_tag(st),
         };
         st.regs.status = STATUS_BUSY;
         st.regs.error = ERR_NONE;
@@ -779,6 +818,7 @@ impl AtsDma {
                 state: Arc::clone(&self.state),
                 source,
                 setup,
+                requester: st.viommu.as_ref().map_or(RequesterId(0), |p| p.requester()),
             }),
             (Some(_), None) => {
                 Self::finish(st, &job, ERR_NO_CLIENT, None, &self.name);
@@ -791,6 +831,7 @@ impl AtsDma {
             Self::finish(st, &job, ERR_NO_CLIENT, None, &self.name);
             return;
         };
+        let viommu = st.viommu.clone();
         let stopped = Arc::new(JobStopped::default());
         let on_drop = StoppedOnDrop(Arc::clone(&stopped));
         let task = rt.spawn(async move {
@@ -798,6 +839,8 @@ impl AtsDma {
             let dma = JobDma {
                 memory: &memory,
                 path: path.as_ref(),
+                viommu: viommu.as_deref(),
+                tag: job.tag,
             };
             let outcome = run_job(&dma, &job).await;
             let mut st = lock(&state);
@@ -843,6 +886,7 @@ struct TranslatedPath {
     state: Arc<Mutex<State>>,
     source: Arc<dyn TranslationSource>,
     setup: AtsSetup,
+    requester: RequesterId,
 }
 
 impl TranslatedPath {
@@ -871,7 +915,7 @@ impl TranslatedPath {
                 st.atc_epoch
             };
             let request = TranslationRequest {
-                requester: RequesterId(0),
+                requester: self.requester,
                 pasid,
                 address: addr,
                 length: want.max(1),
@@ -886,7 +930,7 @@ impl TranslatedPath {
                     .await
                     .map_err(|e| JobError::Translate {
                         addr,
-                        reason: e.to_string(),
+                        reason: crate::server::supervisor::error_chain(&e),
                     })?;
             check_completions(&request, &answer).map_err(|e| JobError::Translate {
                 addr,
@@ -909,30 +953,97 @@ impl TranslatedPath {
     }
 }
 
-/// How one command reaches memory: untranslated, or through the ATC.
+/// How one command reaches memory: untranslated, or through the ATC; behind an embedded
+/// vIOMMU every access is also translated or checked by the model.
 struct JobDma<'a> {
     memory: &'a GuestMemory,
     path: Option<&'a TranslatedPath>,
+    viommu: Option<&'a ViommuPort>,
+    tag: RequestTag,
+}
+
+/// Where one piece of an access goes.
+enum Target {
+    /// An address of the map table (untranslated, or guest-physical behind a vIOMMU).
+    Untranslated(u64),
+    /// A translated address in the source's translated space.
+    Translated(TranslatedSpace, u64),
 }
 
 impl JobDma<'_> {
+    fn remap_failed(addr: u64, e: RemapError) -> JobError {
+        JobError::Translate {
+            addr,
+            reason: e.to_string(),
+        }
+    }
+
+    /// The target of the piece at `at` (at most `n` bytes) and how many bytes it covers.
+    async fn target(
+        &self,
+        addr: u64,
+        done: usize,
+        want: u64,
+        total: usize,
+        write: bool,
+    ) -> Result<(Target, usize), JobError> {
+        let at = addr.checked_add(done as u64).ok_or(JobError::Translate {
+            addr,
+            reason: "the access runs past the end of the address space".into(),
+        })?;
+        let (target, n) = match self.path {
+            None => (Target::Untranslated(at), total - done),
+            Some(path) => {
+                let (at, n, entry) = self.piece(path, addr, done, want, total, write).await?;
+                if entry.untranslated_only {
+                    (Target::Untranslated(at), n)
+                } else {
+                    let space = path.source.translated_space();
+                    (Target::Translated(space, entry.translate(at)), n)
+                }
+            }
+        };
+        let Some(port) = self.viommu else {
+            return Ok((target, n));
+        };
+        let (pasid, privileged) = (self.tag.pasid, self.tag.privileged);
+        let (target, remapped) = match target {
+            Target::Untranslated(a) => {
+                let r: Remapped = port
+                    .untranslated(pasid, a, write, privileged)
+                    .map_err(|e| Self::remap_failed(a, e))?;
+                (Target::Untranslated(r.address), r)
+            }
+            Target::Translated(space, t) => {
+                let r = port
+                    .translated(pasid, t, write, privileged)
+                    .map_err(|e| Self::remap_failed(at, e))?;
+                (Target::Translated(space, r.address), r)
+            }
+        };
+        let n = n.min(
+            usize::try_from(remapped.contiguous)
+                .unwrap_or(usize::MAX)
+                .max(1),
+        );
+        Ok((target, n))
+    }
+
     /// Reads `buf` at untranslated `addr`; `want` is what the command still has to read from
     /// there.
     async fn read(&self, addr: u64, want: u64, buf: &mut [u8]) -> Result<(), JobError> {
-        let Some(path) = self.path else {
+        if self.path.is_none() && self.viommu.is_none() {
             return Ok(self.memory.read(addr, buf).await?);
-        };
-        let space = path.source.translated_space();
+        }
         let mut done = 0usize;
         while done < buf.len() {
-            let (at, n, entry) = self.piece(path, addr, done, want, buf.len(), false).await?;
+            let (target, n) = self.target(addr, done, want, buf.len(), false).await?;
             let piece = &mut buf[done..done + n];
-            if entry.untranslated_only {
-                self.memory.read(at, piece).await?;
-            } else {
-                self.memory
-                    .read_translated(space, entry.translate(at), piece)
-                    .await?;
+            match target {
+                Target::Untranslated(a) => self.memory.read(a, piece).await?,
+                Target::Translated(space, t) => {
+                    self.memory.read_translated(space, t, piece).await?
+                }
             }
             done += n;
         }
@@ -941,20 +1052,18 @@ impl JobDma<'_> {
 
     /// Writes `data` at untranslated `addr`; `want` as for [`Self::read`].
     async fn write(&self, addr: u64, want: u64, data: &[u8]) -> Result<(), JobError> {
-        let Some(path) = self.path else {
+        if self.path.is_none() && self.viommu.is_none() {
             return Ok(self.memory.write(addr, data).await?);
-        };
-        let space = path.source.translated_space();
+        }
         let mut done = 0usize;
         while done < data.len() {
-            let (at, n, entry) = self.piece(path, addr, done, want, data.len(), true).await?;
+            let (target, n) = self.target(addr, done, want, data.len(), true).await?;
             let piece = &data[done..done + n];
-            if entry.untranslated_only {
-                self.memory.write(at, piece).await?;
-            } else {
-                self.memory
-                    .write_translated(space, entry.translate(at), piece)
-                    .await?;
+            match target {
+                Target::Untranslated(a) => self.memory.write(a, piece).await?,
+                Target::Translated(space, t) => {
+                    self.memory.write_translated(space, t, piece).await?
+                }
             }
             done += n;
         }
@@ -1191,7 +1300,10 @@ impl Device for AtsDma {
 
     fn attach(&self, memory: Arc<GuestMemory>) {
         let mut st = lock(&self.state);
-        st.source = Some(Arc::new(ShadowSource::new(Arc::clone(&memory))));
+        st.source = Some(match &st.viommu {
+            Some(port) => Arc::clone(port) as Arc<dyn TranslationSource>,
+            None => Arc::new(ShadowSource::new(Arc::clone(&memory))),
+        });
         st.memory = Some(memory);
     }
 
