@@ -21,7 +21,7 @@ use crate::pci::{HostIommuCaps, IommuSource, ResolvedCapabilities};
 use crate::viommu::ats::{
     AtcCounters, AtcInvalidation, AtcInvalidationCompletion, InvalidationFuture,
 };
-use crate::viommu::resolve::{resolve, HostIommuInfo, ResolveError, ResolvedViommu};
+use crate::viommu::resolve::{resolve, HostIommuInfo, ResolveError, ResolvedViommu, Resolver};
 
 /// Static facts about a device, answered to DEVICE_GET_INFO.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,6 +172,13 @@ pub trait Device: Send + Sync + 'static {
     fn ats_counters(&self) -> Option<AtcCounters> {
         None
     }
+
+    /// The capability policy's decisions for this device (what the guest sees of ATS, PASID
+    /// and PRI, with the reasons), for logs and `vfud status`; `None` for a device without a
+    /// PCI capability policy.
+    fn capabilities(&self) -> Option<ResolvedCapabilities> {
+        None
+    }
 }
 
 /// Checks an access against a region description; used by the server before calling a device.
@@ -238,9 +245,29 @@ pub enum CreateDeviceError {
     },
 }
 
+/// What the capability policy needs from the vIOMMU model a device sits behind: the model's
+/// own flags, never the host's directly (the model is frozen across a VM's devices).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ViommuPlacement {
+    /// The model supports PASID.
+    pub pasid: bool,
+    /// The model lets this device use ATS.
+    pub ats: bool,
+}
+
+impl ViommuPlacement {
+    /// The placement of a device with IOMMU `host` behind `model`.
+    pub fn of(model: &ResolvedViommu, host: &HostIommuInfo) -> ViommuPlacement {
+        ViommuPlacement {
+            pasid: model.flags().pasid_supported,
+            ats: model.device_ats(host),
+        }
+    }
+}
+
 /// The vIOMMU model an emulated device's configuration resolves to on its own (`None` without
-/// a `viommu` block). `vfud resolve` freezes one model across the devices of a VM with
-/// [`crate::viommu::resolve::Resolver`].
+/// a `viommu` block): for `vfud check-config`. `vfud run` freezes one model across the
+/// devices it serves with a [`Resolver`] (see [`create`]); `vfud resolve` reports it.
 pub fn viommu_model(
     config: &vfu_config::DeviceConfig,
 ) -> Result<Option<(ResolvedViommu, HostIommuInfo)>, ResolveError> {
@@ -253,24 +280,25 @@ pub fn viommu_model(
                 HostIommuInfo::from_config(&HostIommuCaps::from_spec(&e.iommu_or_default()), spec);
             Ok(Some((resolve(&config.name, spec, &host)?, host)))
         }
-        // A host device's IOMMU is the real one; a vIOMMU in front of it is the VMM's.
+        // A host device's IOMMU is only known once the device is open.
         vfu_config::DeviceSpec::Host(_) => Ok(None),
     }
 }
 
-/// The capability-policy request a configuration describes; `viommu` is the model the device
-/// sits behind, whose flags decide whether PASID may be exposed.
-pub fn policy_request<'a>(
-    config: &'a vfu_config::DeviceConfig,
-    viommu: Option<&ResolvedViommu>,
-) -> PolicyRequest<'a> {
+/// The capability-policy request a configuration describes; `viommu` is the placement behind
+/// the device's vIOMMU model, whose flags decide whether PASID and ATS may be exposed.
+pub fn policy_request(
+    config: &vfu_config::DeviceConfig,
+    viommu: Option<ViommuPlacement>,
+) -> PolicyRequest<'_> {
     match &config.device {
         vfu_config::DeviceSpec::Emulated(e) => PolicyRequest {
             device_name: &config.name,
             policies: e.capability_policies(),
             host: HostIommuCaps::from_spec(&e.iommu_or_default()),
             iommu_source: IommuSource::ConfigBlock,
-            viommu_pasid: viommu.map(|m| m.flags().pasid_supported),
+            viommu_pasid: viommu.map(|m| m.pasid),
+            viommu_ats: viommu.map(|m| m.ats),
             pasid_cap_hidden: e.pasid_cap_hidden,
             pasid_cap_offset: e.pasid_cap_offset.map(vfu_config::PasidCapOffset::get),
         },
@@ -287,7 +315,8 @@ pub fn policy_request<'a>(
                     .or_else(|| h.cdev.as_ref().map(|p| p.display().to_string()))
                     .unwrap_or_default(),
             },
-            viommu_pasid: None,
+            viommu_pasid: viommu.map(|m| m.pasid),
+            viommu_ats: viommu.map(|m| m.ats),
             pasid_cap_hidden: false,
             pasid_cap_offset: h.pasid_cap_offset.map(vfu_config::PasidCapOffset::get),
         },
@@ -300,8 +329,8 @@ pub fn policy_request<'a>(
 pub fn resolve_capabilities(
     config: &vfu_config::DeviceConfig,
 ) -> Result<ResolvedCapabilities, CreateDeviceError> {
-    let viommu = viommu_model(config)?.map(|(m, _)| m);
-    let request = policy_request(config, viommu.as_ref());
+    let viommu = viommu_model(config)?.map(|(m, host)| ViommuPlacement::of(&m, &host));
+    let request = policy_request(config, viommu);
     match &config.device {
         vfu_config::DeviceSpec::Emulated(e) => match e.model {
             vfu_config::EmulatedModel::AtsDma => {
@@ -315,23 +344,43 @@ pub fn resolve_capabilities(
 }
 
 /// Creates the device a configuration describes, with its capability policy applied.
-pub fn create(config: &vfu_config::DeviceConfig) -> Result<Arc<dyn Device>, CreateDeviceError> {
-    let viommu = viommu_model(config)?.map(|(m, _)| m);
-    let request = policy_request(config, viommu.as_ref());
+///
+/// `resolver` holds the vIOMMU model of the VM the devices belong to: the first device that
+/// names a model resolves and freezes it, every later one must be compatible with it (or is
+/// refused with the reason), and each device's ATS and PASID follow the frozen model.
+pub fn create(
+    config: &vfu_config::DeviceConfig,
+    resolver: &mut Resolver,
+) -> Result<Arc<dyn Device>, CreateDeviceError> {
     match &config.device {
-        vfu_config::DeviceSpec::Emulated(e) => match e.model {
-            vfu_config::EmulatedModel::AtsDma => match emulated::AtsDma::new(&request) {
-                Ok(d) => Ok(Arc::new(d)),
-                Err(emulated::ats_dma::AtsDmaError::ApplyPolicy(e)) => Err(e.into()),
-                Err(source) => Err(CreateDeviceError::CreateAtsDma {
-                    name: config.name.clone(),
-                    source,
-                }),
-            },
-        },
-        vfu_config::DeviceSpec::Host(_) => match host::HostPciDevice::open(config) {
+        vfu_config::DeviceSpec::Emulated(e) => {
+            let viommu = match &e.viommu {
+                Some(spec) => {
+                    let host = HostIommuInfo::from_config(
+                        &HostIommuCaps::from_spec(&e.iommu_or_default()),
+                        spec,
+                    );
+                    let model = resolver.add(&config.name, spec, &host)?;
+                    Some(ViommuPlacement::of(&model, &host))
+                }
+                None => None,
+            };
+            let request = policy_request(config, viommu);
+            match e.model {
+                vfu_config::EmulatedModel::AtsDma => match emulated::AtsDma::new(&request) {
+                    Ok(d) => Ok(Arc::new(d)),
+                    Err(emulated::ats_dma::AtsDmaError::ApplyPolicy(e)) => Err(e.into()),
+                    Err(source) => Err(CreateDeviceError::CreateAtsDma {
+                        name: config.name.clone(),
+                        source,
+                    }),
+                },
+            }
+        }
+        vfu_config::DeviceSpec::Host(_) => match host::HostPciDevice::open(config, resolver) {
             Ok(d) => Ok(Arc::new(d)),
             Err(host::HostDeviceError::ApplyPolicy(e)) => Err(e.into()),
+            Err(host::HostDeviceError::ResolveViommu(e)) => Err(e.into()),
             Err(e) => Err(CreateDeviceError::OpenHost(e)),
         },
     }

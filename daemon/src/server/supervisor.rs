@@ -25,6 +25,7 @@ use crate::ops::status::{
 };
 use crate::pci::ResolvedCapabilities;
 use crate::server::{DeviceServer, DeviceStats, SocketError};
+use crate::viommu::resolve::Resolver;
 
 /// Why a device could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +134,9 @@ pub struct Supervisor {
     invalid: Vec<InvalidFile>,
     ended_tx: mpsc::UnboundedSender<Ended>,
     next_generation: u64,
+    /// The vIOMMU model of the VM these devices serve, frozen at the first device that names
+    /// one and kept across reloads (a migrated or re-plugged device must see the same model).
+    viommu: Resolver,
 }
 
 impl std::fmt::Debug for Supervisor {
@@ -184,6 +188,7 @@ impl Supervisor {
                 invalid: Vec::new(),
                 ended_tx,
                 next_generation: 1,
+                viommu: Resolver::new(),
             },
             ended_rx,
         )
@@ -211,9 +216,11 @@ impl Supervisor {
     fn start(&mut self, config: DeviceConfig, file: Option<PathBuf>) -> Result<(), String> {
         let name = config.name.clone();
         let result = (|| {
-            let device = crate::device::create(&config).map_err(|source| StartError::Create {
-                name: name.clone(),
-                source: Box::new(source),
+            let device = crate::device::create(&config, &mut self.viommu).map_err(|source| {
+                StartError::Create {
+                    name: name.clone(),
+                    source: Box::new(source),
+                }
             })?;
             let server = DeviceServer::bind(
                 &config.name,
@@ -229,8 +236,7 @@ impl Supervisor {
         })();
         let slot = match result {
             Ok((device, server)) => {
-                // Pure and deterministic, so this is what `create` just applied.
-                let capabilities = crate::device::resolve_capabilities(&config).ok();
+                let capabilities = device.capabilities();
                 if let Some(c) = &capabilities {
                     for decision in c.iter() {
                         tracing::info!(device = %name, "{decision}");
