@@ -393,7 +393,18 @@ fn check_device(device: &DeviceSpec) -> Vec<(&'static str, String)> {
                 problems.push((path, reason));
             }
         }
-        DeviceSpec::Host(host) => problems.extend(check_host(host)),
+        DeviceSpec::Host(host) => {
+            problems.extend(check_host(host));
+            if let Some(viommu) = &host.viommu {
+                problems.extend(viommu.problems());
+                if viommu.has_host_registers() {
+                    problems.push((
+                        "device.viommu.host",
+                        "a host device's IOMMU registers come from the kernel (IOMMU_GET_HW_INFO); remove \"host\" from the viommu block".into(),
+                    ));
+                }
+            }
+        }
     }
     problems
 }

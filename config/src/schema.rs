@@ -102,6 +102,11 @@ pub struct HostDevice {
     /// config space.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pasid_cap_offset: Option<PasidCapOffset>,
+    /// The vIOMMU model the VM puts in front of the device. Its `auto` properties resolve from
+    /// what the kernel reports for this device's IOMMU (so `host` registers are not given),
+    /// frozen at the first device that names a model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub viommu: Option<ViommuSpec>,
 }
 
 impl HostDevice {
@@ -119,6 +124,7 @@ impl HostDevice {
             pri: None,
             compat: CompatLevel::CURRENT,
             pasid_cap_offset: None,
+            viommu: None,
         }
     }
 

@@ -185,6 +185,15 @@ impl ViommuSpec {
         }
     }
 
+    /// Whether the block gives host IOMMU registers (`host`), which only an emulated device's
+    /// configuration may.
+    pub fn has_host_registers(&self) -> bool {
+        match self {
+            ViommuSpec::Smmuv3 { host, .. } => host.is_some(),
+            ViommuSpec::Vtd { host, .. } => host.is_some(),
+        }
+    }
+
     /// Range problems serde cannot express, as (JSON path in a device file, reason).
     pub fn problems(&self) -> Vec<(&'static str, String)> {
         let mut out = Vec::new();

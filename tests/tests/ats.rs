@@ -315,3 +315,50 @@ fn vfud_resolve_freezes_at_the_first_device_and_refuses_an_incompatible_one() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `vfud run` freezes the vIOMMU model at the first device that names one: a later device
+/// whose host cannot honour it is refused (the others serve), and each device's ATS follows
+/// the frozen model and its own host.
+#[test]
+fn vfud_run_freezes_the_viommu_at_the_first_device_and_refuses_an_incompatible_one() {
+    const GRACE: &str = r#"["0x08400409", "0x520", "0x0", "0x400", "0x0", "0x55"]"#;
+    const NO_RIL: &str = r#"["0x08400409", "0x520", "0x0", "0x0", "0x0", "0x55"]"#;
+    let device = |idr: &str, extra: &str| {
+        format!(
+            r#"{{"type":"emulated","model":"ats-dma"{extra},"viommu":{{"model":"smmuv3","host":{{"idr":{idr}}}}}}}"#
+        )
+    };
+    let gpu0 = device(GRACE, "");
+    let gpu1 = device(GRACE, r#","iommu":{"ats_supported":false}"#);
+    let gpu2 = device(NO_RIL, "");
+    let d = Daemon::start_with_configs(&[("gpu0", &gpu0), ("gpu1", &gpu1), ("gpu2", &gpu2)]);
+
+    let guest_ats = |name: &str| {
+        let mut c = d.client_of(name);
+        let config = c
+            .region_read(vfu_protocol::command::region::CONFIG, 0, 4096)
+            .expect("config space");
+        vfud::pci::CapabilityChain::parse(&config)
+            .expect("the guest's chains")
+            .find_extended(0x000f)
+            .is_some()
+    };
+    assert!(
+        guest_ats("gpu0"),
+        "the frozen model offers ATS and gpu0's host allows it"
+    );
+    assert!(
+        !guest_ats("gpu1"),
+        "gpu1's host reports ATS unusable, so the model gives it none"
+    );
+    assert!(
+        !d.socket_of("gpu2").exists(),
+        "gpu2 cannot honour ril=true frozen at gpu0 and must not serve"
+    );
+    let log = d.log_plain();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("gpu2") && l.contains("frozen at device gpu0")),
+        "{log}"
+    );
+}

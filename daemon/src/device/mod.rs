@@ -22,7 +22,7 @@ use crate::pci::{HostIommuCaps, IommuSource, ResolvedCapabilities};
 use crate::viommu::ats::{
     AtcCounters, AtcInvalidation, AtcInvalidationCompletion, InvalidationFuture,
 };
-use crate::viommu::resolve::{resolve, HostIommuInfo, ResolveError, ResolvedViommu};
+use crate::viommu::resolve::{resolve, HostIommuInfo, ResolveError, ResolvedViommu, Resolver};
 
 /// Static facts about a device, answered to DEVICE_GET_INFO.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,6 +173,13 @@ pub trait Device: Send + Sync + 'static {
     fn ats_counters(&self) -> Option<AtcCounters> {
         None
     }
+
+    /// The capability policy's decisions for this device (what the guest sees of ATS, PASID
+    /// and PRI, with the reasons), for logs and `vfud status`; `None` for a device without a
+    /// PCI capability policy.
+    fn capabilities(&self) -> Option<ResolvedCapabilities> {
+        None
+    }
 }
 
 /// Checks an access against a region description; used by the server before calling a device.
@@ -242,9 +249,29 @@ pub enum CreateDeviceError {
     },
 }
 
+/// What the capability policy needs from the vIOMMU model a device sits behind: the model's
+/// own flags, never the host's directly (the model is frozen across a VM's devices).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ViommuPlacement {
+    /// The model supports PASID.
+    pub pasid: bool,
+    /// The model lets this device use ATS.
+    pub ats: bool,
+}
+
+impl ViommuPlacement {
+    /// The placement of a device with IOMMU `host` behind `model`.
+    pub fn of(model: &ResolvedViommu, host: &HostIommuInfo) -> ViommuPlacement {
+        ViommuPlacement {
+            pasid: model.flags().pasid_supported,
+            ats: model.device_ats(host),
+        }
+    }
+}
+
 /// The vIOMMU model an emulated device's configuration resolves to on its own (`None` without
-/// a `viommu` block). `vfud resolve` freezes one model across the devices of a VM with
-/// [`crate::viommu::resolve::Resolver`].
+/// a `viommu` block): for `vfud check-config`. `vfud run` freezes one model across the
+/// devices it serves with a [`Resolver`] (see [`create`]); `vfud resolve` reports it.
 pub fn viommu_model(
     config: &vfu_config::DeviceConfig,
 ) -> Result<Option<(ResolvedViommu, HostIommuInfo)>, ResolveError> {
@@ -258,24 +285,25 @@ pub fn viommu_model(
                 HostIommuInfo::from_config(&HostIommuCaps::from_spec(&e.iommu_or_default()), spec);
             Ok(Some((resolve(&config.name, spec, &host)?, host)))
         }
-        // A host device's IOMMU is the real one; a vIOMMU in front of it is the VMM's.
+        // A host device's IOMMU is only known once the device is open.
         vfu_config::DeviceSpec::Host(_) => Ok(None),
     }
 }
 
-/// The capability-policy request a configuration describes; `viommu` is the model the device
-/// sits behind, whose flags decide whether PASID may be exposed.
-pub fn policy_request<'a>(
-    config: &'a vfu_config::DeviceConfig,
-    viommu: Option<&ResolvedViommu>,
-) -> PolicyRequest<'a> {
+/// The capability-policy request a configuration describes; `viommu` is the placement behind
+/// the device's vIOMMU model, whose flags decide whether PASID and ATS may be exposed.
+pub fn policy_request(
+    config: &vfu_config::DeviceConfig,
+    viommu: Option<ViommuPlacement>,
+) -> PolicyRequest<'_> {
     match &config.device {
         vfu_config::DeviceSpec::Emulated(e) => PolicyRequest {
             device_name: &config.name,
             policies: e.capability_policies(),
             host: HostIommuCaps::from_spec(&e.iommu_or_default()),
             iommu_source: IommuSource::ConfigBlock,
-            viommu_pasid: viommu.map(|m| m.flags().pasid_supported),
+            viommu_pasid: viommu.map(|m| m.pasid),
+            viommu_ats: viommu.map(|m| m.ats),
             pasid_cap_hidden: e.pasid_cap_hidden,
             pasid_cap_offset: e.pasid_cap_offset.map(vfu_config::PasidCapOffset::get),
         },
@@ -290,6 +318,7 @@ pub fn policy_request<'a>(
             host: HostIommuCaps::from_spec(&vfu_config::IommuSpec::default()),
             iommu_source: IommuSource::ConfigBlock,
             viommu_pasid: None,
+            viommu_ats: None,
             pasid_cap_hidden: false,
             pasid_cap_offset: None,
         },
@@ -306,7 +335,8 @@ pub fn policy_request<'a>(
                     .or_else(|| h.cdev.as_ref().map(|p| p.display().to_string()))
                     .unwrap_or_default(),
             },
-            viommu_pasid: None,
+            viommu_pasid: viommu.map(|m| m.pasid),
+            viommu_ats: viommu.map(|m| m.ats),
             pasid_cap_hidden: false,
             pasid_cap_offset: h.pasid_cap_offset.map(vfu_config::PasidCapOffset::get),
         },
@@ -320,8 +350,8 @@ pub fn policy_request<'a>(
 pub fn resolve_capabilities(
     config: &vfu_config::DeviceConfig,
 ) -> Result<Option<ResolvedCapabilities>, CreateDeviceError> {
-    let viommu = viommu_model(config)?.map(|(m, _)| m);
-    let request = policy_request(config, viommu.as_ref());
+    let viommu = viommu_model(config)?.map(|(m, host)| ViommuPlacement::of(&m, &host));
+    let request = policy_request(config, viommu);
     match &config.device {
         vfu_config::DeviceSpec::Emulated(e) => match e.model {
             vfu_config::EmulatedModel::AtsDma => {
@@ -339,23 +369,43 @@ pub fn resolve_capabilities(
 }
 
 /// Creates the device a configuration describes, with its capability policy applied, on its
-/// own: a `viommu` device or a device naming one is linked to nothing (see [`create_in`]).
+/// own: a `viommu` device or a device naming one is linked to nothing, and a vIOMMU model
+/// block is resolved for this device alone (see [`create_in`]).
 pub fn create(config: &vfu_config::DeviceConfig) -> Result<Arc<dyn Device>, CreateDeviceError> {
-    create_in(config, &viommu::ViommuRegistry::default())
+    create_in(
+        config,
+        &viommu::ViommuRegistry::default(),
+        &mut Resolver::new(),
+    )
 }
 
-/// Creates the device a configuration describes, with its capability policy applied. A
-/// `viommu` device registers in `viommus` under its name; a device that names one
-/// (`"viommu": "<name>"`) attaches to that name there, whether or not it runs yet.
+/// Creates the device a configuration describes, with its capability policy applied.
+///
+/// A `viommu` device registers in `viommus` under its name; a device that names one
+/// (`"viommu": "<name>"`) attaches to that name there, whether or not it runs yet. `resolver`
+/// holds the vIOMMU model of the VM the devices belong to: the first device with a model
+/// block resolves and freezes it, every later one must be compatible with it (or is refused
+/// with the reason), and each device's ATS and PASID follow the frozen model.
 pub fn create_in(
     config: &vfu_config::DeviceConfig,
     viommus: &viommu::ViommuRegistry,
+    resolver: &mut Resolver,
 ) -> Result<Arc<dyn Device>, CreateDeviceError> {
-    let viommu = viommu_model(config)?.map(|(m, _)| m);
-    let request = policy_request(config, viommu.as_ref());
     match &config.device {
         vfu_config::DeviceSpec::Emulated(e) => match e.model {
             vfu_config::EmulatedModel::AtsDma => {
+                let placement = match e.viommu_spec() {
+                    Some(spec) => {
+                        let host = HostIommuInfo::from_config(
+                            &HostIommuCaps::from_spec(&e.iommu_or_default()),
+                            spec,
+                        );
+                        let model = resolver.add(&config.name, spec, &host)?;
+                        Some(ViommuPlacement::of(&model, &host))
+                    }
+                    None => None,
+                };
+                let request = policy_request(config, placement);
                 let port = e
                     .viommu_device()
                     .map(|(name, rid)| viommus.slot(name).port(rid.0));
@@ -387,9 +437,10 @@ pub fn create_in(
             spec,
             viommus.slot(&config.name),
         )?)),
-        vfu_config::DeviceSpec::Host(_) => match host::HostPciDevice::open(config) {
+        vfu_config::DeviceSpec::Host(_) => match host::HostPciDevice::open(config, resolver) {
             Ok(d) => Ok(Arc::new(d)),
             Err(host::HostDeviceError::ApplyPolicy(e)) => Err(e.into()),
+            Err(host::HostDeviceError::ResolveViommu(e)) => Err(e.into()),
             Err(e) => Err(CreateDeviceError::OpenHost(e)),
         },
     }

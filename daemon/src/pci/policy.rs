@@ -236,6 +236,9 @@ pub struct PolicyInputs<'a> {
     /// PASID support of the vIOMMU model the device sits behind; `None` when there is no
     /// vIOMMU model (then only the host decides).
     pub viommu_pasid: Option<bool>,
+    /// Whether the vIOMMU model the device sits behind lets it use ATS (SMMUv3 `ats`, VT-d
+    /// `device_iotlb`); `None` when there is no vIOMMU model.
+    pub viommu_ats: Option<bool>,
 }
 
 /// The outcome for one capability.
@@ -395,6 +398,11 @@ pub fn resolve(inputs: &PolicyInputs<'_>) -> Result<ResolvedCapabilities, Policy
         device_lacks(ManagedCapability::Ats)
     } else if host.ats_not_supported {
         unusable(source.ats_not_supported())
+    } else if inputs.viommu_ats == Some(false) {
+        unusable(
+            "the vIOMMU model in front of the device offers no ATS (SMMUv3 ats / VT-d device_iotlb off)"
+                .to_owned(),
+        )
     } else {
         Availability::Available(source.ats_usable())
     };
@@ -510,6 +518,7 @@ mod tests {
             host,
             iommu_source: source,
             viommu_pasid,
+            viommu_ats: None,
         }
     }
 

@@ -59,6 +59,8 @@ pub struct PolicyRequest<'a> {
     pub iommu_source: IommuSource,
     /// PASID support of the vIOMMU model, `None` without one.
     pub viommu_pasid: Option<bool>,
+    /// Whether the vIOMMU model lets the device use ATS, `None` without one.
+    pub viommu_ats: Option<bool>,
     /// The device supports PASID although its config space has no PASID capability (the
     /// kernel hides it from VFIO users).
     pub pasid_cap_hidden: bool,
@@ -76,6 +78,7 @@ impl<'a> PolicyRequest<'a> {
             host: HostIommuCaps::from_spec(&Default::default()),
             iommu_source: IommuSource::ConfigBlock,
             viommu_pasid: None,
+            viommu_ats: None,
             pasid_cap_hidden: false,
             pasid_cap_offset: None,
         }
@@ -260,6 +263,7 @@ pub fn build(
         host: request.host,
         iommu_source: &request.iommu_source,
         viommu_pasid: request.viommu_pasid,
+        viommu_ats: request.viommu_ats,
     };
     let mut decisions = resolve(&inputs)?;
 

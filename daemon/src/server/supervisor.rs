@@ -25,6 +25,7 @@ use crate::ops::status::{
 };
 use crate::pci::ResolvedCapabilities;
 use crate::server::{DeviceServer, DeviceStats, SocketError};
+use crate::viommu::resolve::Resolver;
 
 /// Why a device could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +136,9 @@ pub struct Supervisor {
     next_generation: u64,
     /// Where `viommu` devices and the devices behind them find each other.
     viommus: crate::device::viommu::ViommuRegistry,
+    /// The vIOMMU model of the VM these devices serve, frozen at the first device that names
+    /// one and kept across reloads (a migrated or re-plugged device must see the same model).
+    viommu: Resolver,
 }
 
 impl std::fmt::Debug for Supervisor {
@@ -191,6 +195,7 @@ impl Supervisor {
                 ended_tx,
                 next_generation: 1,
                 viommus: Default::default(),
+                viommu: Resolver::new(),
             },
             ended_rx,
         )
@@ -218,12 +223,11 @@ impl Supervisor {
     fn start(&mut self, config: DeviceConfig, file: Option<PathBuf>) -> Result<(), String> {
         let name = config.name.clone();
         let result = (|| {
-            let device = crate::device::create_in(&config, &self.viommus).map_err(|source| {
-                StartError::Create {
+            let device = crate::device::create_in(&config, &self.viommus, &mut self.viommu)
+                .map_err(|source| StartError::Create {
                     name: name.clone(),
                     source: Box::new(source),
-                }
-            })?;
+                })?;
             let server = DeviceServer::bind(
                 &config.name,
                 &config.socket,
@@ -238,8 +242,7 @@ impl Supervisor {
         })();
         let slot = match result {
             Ok((device, server)) => {
-                // Pure and deterministic, so this is what `create` just applied.
-                let capabilities = crate::device::resolve_capabilities(&config).ok().flatten();
+                let capabilities = device.capabilities();
                 if let Some(c) = &capabilities {
                     for decision in c.iter() {
                         tracing::info!(device = %name, "{decision}");

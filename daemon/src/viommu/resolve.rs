@@ -776,6 +776,9 @@ pub struct ResolveReport {
 pub enum DeviceOutcome {
     /// The device has no `viommu` block.
     NoViommu,
+    /// A host device with a `viommu` block: its IOMMU's registers are known only once
+    /// `vfud run` opens it, which resolves (or checks it against the frozen model) then.
+    AtOpen,
     /// The device is served behind the frozen model.
     Accepted {
         /// Whether the device may use ATS behind the model.
@@ -812,9 +815,11 @@ impl ResolveReport {
                         }
                     }
                 },
-                // A host device reports its IOMMU when it is opened (`vfud run` logs it); its
-                // configuration names no vIOMMU.
-                vfu_config::DeviceSpec::Host(_) => DeviceOutcome::NoViommu,
+                // A host device reports its IOMMU only when it is opened.
+                vfu_config::DeviceSpec::Host(h) => match h.viommu {
+                    None => DeviceOutcome::NoViommu,
+                    Some(_) => DeviceOutcome::AtOpen,
+                },
             };
             devices.push((c.name.clone(), outcome));
         }
@@ -852,6 +857,10 @@ impl fmt::Display for ResolveReport {
         for (name, outcome) in &self.devices {
             match outcome {
                 DeviceOutcome::NoViommu => writeln!(f, "{name}: no viommu block")?,
+                DeviceOutcome::AtOpen => writeln!(
+                    f,
+                    "{name}: host device, resolved from its IOMMU_GET_HW_INFO when `vfud run` opens it"
+                )?,
                 DeviceOutcome::Accepted {
                     ats,
                     hwpt_alloc_flags,

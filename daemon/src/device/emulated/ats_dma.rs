@@ -1365,6 +1365,10 @@ impl Device for AtsDma {
         })
     }
 
+    fn capabilities(&self) -> Option<crate::pci::ResolvedCapabilities> {
+        Some(lock(&self.state).view.decisions().clone())
+    }
+
     fn ats_counters(&self) -> Option<AtcCounters> {
         let st = lock(&self.state);
         st.view.controls().ats.map(|_| AtcCounters {

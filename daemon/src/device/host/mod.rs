@@ -31,11 +31,13 @@ use vfu_protocol::reply::{RegionCap, RegionDescription};
 use vfu_protocol::request::{IrqAction, IrqData, SetIrqsRequest};
 use vfu_protocol::wire::{self, SparseMmapArea};
 
+use crate::device::ViommuPlacement;
 use crate::device::{Device, DeviceError, DeviceInfo, RegionSpec};
 use crate::dma::{DmaBacking, DmaRegion, GuestMemory};
 use crate::pci::caps::CapabilityChain;
 use crate::pci::virtual_config::{self, PolicyRequest, VirtualConfigError, VirtualConfigSpace};
 use crate::pci::{HostIommuCaps, IommuSource};
+use crate::viommu::resolve::{HostIommuHw, HostIommuInfo, ResolveError, Resolver};
 
 pub use kernel::{CdevKernel, HostHwInfo, HostIommuHwInfo, HostKernel, KernelRegion};
 pub use locate::{HostDeviceLocation, LocateError};
@@ -61,6 +63,10 @@ pub enum HostDeviceError {
     /// Finding the device's VFIO character device failed.
     #[error(transparent)]
     Locate(#[from] LocateError),
+    /// The device's `viommu` block cannot be met by what its host IOMMU reports, or the model
+    /// frozen at an earlier device cannot be honoured.
+    #[error(transparent)]
+    ResolveViommu(ResolveError),
     /// VFIO_DEVICE_BIND_IOMMUFD failed.
     #[error("device {device}: binding {cdev} to the iommufd failed{}", bind_hint(*.source))]
     Bind {
@@ -165,8 +171,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl HostPciDevice {
-    /// Opens the configured host device and applies its capability policy.
-    pub fn open(config: &vfu_config::DeviceConfig) -> Result<HostPciDevice, HostDeviceError> {
+    /// Opens the configured host device and applies its capability policy; a `viommu` block
+    /// resolves against (or freezes) `resolver` with what the kernel reports.
+    pub fn open(
+        config: &vfu_config::DeviceConfig,
+        resolver: &mut Resolver,
+    ) -> Result<HostPciDevice, HostDeviceError> {
         let vfu_config::DeviceSpec::Host(host) = &config.device else {
             return Err(HostDeviceError::DeviceInfo {
                 device: config.name.clone(),
@@ -177,7 +187,7 @@ impl HostPciDevice {
         let location = locate::locate(&config.name, host, &locate::SystemPaths::default())?;
         let (device, iommufd) = location.open(&config.name)?;
         let kernel = CdevKernel::new(device, iommufd);
-        HostPciDevice::with_kernel(config, &location.label, Box::new(kernel))
+        HostPciDevice::with_kernel(config, &location.label, Box::new(kernel), resolver)
     }
 
     /// Brings up a device over an opened kernel interface: bind, IOAS, attach, hw_info,
@@ -187,6 +197,7 @@ impl HostPciDevice {
         config: &vfu_config::DeviceConfig,
         label: &str,
         kernel: Box<dyn HostKernel>,
+        resolver: &mut Resolver,
     ) -> Result<HostPciDevice, HostDeviceError> {
         let name = config.name.clone();
         let vfu_config::DeviceSpec::Host(host) = &config.device else {
@@ -266,6 +277,16 @@ impl HostPciDevice {
         let caps = hw_info.map_or(HostIommuCaps::from_hw_info(0, 0), |h| {
             HostIommuCaps::from_hw_info(h.capabilities, h.max_pasid_log2)
         });
+        let viommu = match &host.viommu {
+            Some(spec) => {
+                let info = iommu_info(hw_info.as_ref());
+                let model = resolver
+                    .add(&name, spec, &info)
+                    .map_err(HostDeviceError::ResolveViommu)?;
+                Some(ViommuPlacement::of(&model, &info))
+            }
+            None => None,
+        };
         let request = PolicyRequest {
             device_name: &name,
             policies: host.capability_policies(),
@@ -273,7 +294,8 @@ impl HostPciDevice {
             iommu_source: IommuSource::HostDevice {
                 address: label.to_owned(),
             },
-            viommu_pasid: None,
+            viommu_pasid: viommu.map(|v| v.pasid),
+            viommu_ats: viommu.map(|v| v.ats),
             // The kernel hides PASID from VFIO users; a non-zero width means the device and
             // the IOMMU both support it and the kernel enabled it.
             pasid_cap_hidden: caps.max_pasid_log2 > 0,
@@ -592,6 +614,10 @@ fn map_hint(errno: Errno) -> &'static str {
 }
 
 impl Device for HostPciDevice {
+    fn capabilities(&self) -> Option<crate::pci::ResolvedCapabilities> {
+        Some(lock(&self.config).decisions().clone())
+    }
+
     fn info(&self) -> DeviceInfo {
         self.info
     }
@@ -835,5 +861,24 @@ impl Device for HostPciDevice {
                 tracing::warn!(device = %self.name, iova = format_args!("{:#x}", region.iova), size = region.size, %errno, "IOMMU_IOAS_UNMAP failed")
             }
         }
+    }
+}
+
+/// What `IOMMU_GET_HW_INFO` reported, as vIOMMU resolution reads it (nothing reported: no
+/// capabilities, no PASID, no registers).
+fn iommu_info(hw: Option<&HostHwInfo>) -> HostIommuInfo {
+    HostIommuInfo {
+        out_capabilities: hw.map_or(0, |h| h.capabilities),
+        max_pasid_log2: hw.map_or(0, |h| h.max_pasid_log2),
+        hw: hw.and_then(|h| match h.iommu {
+            HostIommuHwInfo::IntelVtd {
+                cap_reg, ecap_reg, ..
+            } => Some(HostIommuHw::Vtd {
+                cap: cap_reg,
+                ecap: ecap_reg,
+            }),
+            HostIommuHwInfo::ArmSmmuv3 { idr, .. } => Some(HostIommuHw::Smmuv3 { idr }),
+            HostIommuHwInfo::Other { .. } => None,
+        }),
     }
 }

@@ -27,7 +27,12 @@ const AUTO: &str = r#"{"type": "host", "pci": "0000:01:00.0"}"#;
 
 fn open(device: &str, state: FakeState) -> (Result<HostPciDevice, HostDeviceError>, FakeKernel) {
     let kernel = FakeKernel::new(state);
-    let d = HostPciDevice::with_kernel(&config(device), "0000:01:00.0", Box::new(kernel.clone()));
+    let d = HostPciDevice::with_kernel(
+        &config(device),
+        "0000:01:00.0",
+        Box::new(kernel.clone()),
+        &mut Resolver::new(),
+    );
     (d, kernel)
 }
 
@@ -585,9 +590,13 @@ fn a_failed_pin_is_an_error_reply_and_the_server_keeps_serving() {
         fail_map_file: Some(Errno::ENOMEM),
         ..Default::default()
     });
-    let device =
-        HostPciDevice::with_kernel(&config(AUTO), "0000:01:00.0", Box::new(kernel.clone()))
-            .expect("device");
+    let device = HostPciDevice::with_kernel(
+        &config(AUTO),
+        "0000:01:00.0",
+        Box::new(kernel.clone()),
+        &mut Resolver::new(),
+    )
+    .expect("device");
     let dir = std::env::temp_dir().join(format!("vfud-host-server-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -679,6 +688,80 @@ fn open_errors_say_what_to_change() {
     let text = d.expect_err("unisolated MSI").to_string();
     assert!(
         text.contains("iommufd.allow_unsafe_interrupts=1") && text.contains("interrupt remapping"),
+        "{text}"
+    );
+}
+
+/// A host device behind a VT-d model: `auto` resolves from the kernel's registers, the first
+/// device freezes the model, and a later device whose IOMMU cannot honour it is refused.
+#[test]
+fn viommu_resolves_from_the_kernel_freezes_and_drives_ats() {
+    const VTD_AUTO: &str = r#"{"type": "host", "pci": "0000:01:00.0", "viommu": {"model": "vtd"}}"#;
+    let without_dt = || FakeState {
+        hw_info: Ok(HostHwInfo {
+            capabilities: 0,
+            max_pasid_log2: 0,
+            iommu: HostIommuHwInfo::IntelVtd {
+                flags: 0,
+                cap_reg: 0x00d2_008c_2226_0206,
+                ecap_reg: 0x00f0_0f5e & !(1 << 2),
+            },
+        }),
+        ..Default::default()
+    };
+    let open_with = |device: &str, state: FakeState, resolver: &mut Resolver| {
+        HostPciDevice::with_kernel(
+            &config(device),
+            "0000:01:00.0",
+            Box::new(FakeKernel::new(state)),
+            resolver,
+        )
+    };
+
+    // The first device's IOMMU has device-TLB support (ECAP.DT): the model offers ATS.
+    let mut vm = Resolver::new();
+    let first = open_with(VTD_AUTO, FakeState::default(), &mut vm).expect("first device");
+    assert!(guest_has_ats(&first));
+    let (_, frozen) = vm.frozen().expect("frozen at the first device");
+    assert!(
+        frozen.qemu_argument().contains("device-iotlb=on"),
+        "{}",
+        frozen.qemu_argument()
+    );
+
+    // A second device behind an IOMMU without DT cannot honour the frozen device_iotlb=on.
+    let refused = open_with(VTD_AUTO, without_dt(), &mut vm).expect_err("incompatible host");
+    assert!(
+        matches!(refused, HostDeviceError::ResolveViommu(_)),
+        "{refused:?}"
+    );
+    let text = refused.to_string();
+    assert!(text.contains("nic0") && text.contains("frozen"), "{text}");
+
+    // Frozen without DT: the model offers no ATS, so `auto` masks it and `on` refuses.
+    let mut vm = Resolver::new();
+    let masked = open_with(VTD_AUTO, without_dt(), &mut vm).expect("no DT is no error");
+    assert!(!guest_has_ats(&masked));
+    let reason = masked.capabilities().expect("decisions").ats.to_string();
+    assert!(reason.contains("vIOMMU"), "{reason}");
+    let on = r#"{"type": "host", "pci": "0000:01:00.0", "ats": "on", "viommu": {"model": "vtd"}}"#;
+    let refused = open_with(on, without_dt(), &mut Resolver::new()).expect_err("ats=on");
+    assert!(
+        matches!(refused, HostDeviceError::ApplyPolicy(_)),
+        "{refused:?}"
+    );
+}
+
+#[test]
+fn a_host_devices_viommu_block_takes_no_host_registers() {
+    let e = vfu_config::parse_str(
+        r#"{"version": 1, "name": "nic0", "socket": "/s", "device": {"type": "host", "pci": "0000:01:00.0", "viommu": {"model": "vtd", "host": {"cap": 0, "ecap": 0}}}}"#,
+        None,
+    )
+    .expect_err("host registers on a host device");
+    let text = e.to_string();
+    assert!(
+        text.contains("device.viommu.host") && text.contains("kernel"),
         "{text}"
     );
 }
