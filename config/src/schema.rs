@@ -107,6 +107,12 @@ pub struct HostDevice {
     /// frozen at the first device that names a model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub viommu: Option<ViommuSpec>,
+    /// Whether BARs are handed to the client as mmap-able areas (default `true`). Mapping a
+    /// BAR needs the VFIO device fd itself, and a client holding it can issue VFIO ioctls on
+    /// the device and keep it after it disconnects; `false` traps every BAR access through
+    /// vfud instead (slower MMIO, but the client never holds the device).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bar_mmap: Option<bool>,
 }
 
 impl HostDevice {
@@ -125,6 +131,7 @@ impl HostDevice {
             compat: CompatLevel::CURRENT,
             pasid_cap_offset: None,
             viommu: None,
+            bar_mmap: None,
         }
     }
 

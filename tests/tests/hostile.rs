@@ -4,7 +4,7 @@
 //! being served meanwhile, and that the attacked device recovers once the client is gone.
 
 use std::io::{ErrorKind, Write};
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
@@ -300,4 +300,51 @@ fn read_frame(sock: &mut UnixStream, buf: &mut [u8]) -> usize {
     let size = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]) as usize;
     sock.read_exact(&mut buf[16..size]).expect("reply body");
     size
+}
+
+#[test]
+fn growing_memfds_and_device_fds_cannot_pile_up_mappings() {
+    let mut d = start_pair();
+    let idle_fds = d.fd_count();
+    let mut c = d.client_of("target");
+    // One memfd that grows before every map: each map needs a new whole-file mapping while
+    // the older ones stay alive through their regions.
+    let ram = GuestRam::new(0x1000);
+    let mut refused = None;
+    for i in 0..1100u64 {
+        nix::unistd::ftruncate(&ram.fd, ((i + 2) * 0x1000) as i64).expect("grow the memfd");
+        if let Err(e) = c.dma_map(
+            i * 0x2000,
+            0x1000,
+            DMA_RW,
+            Some((ram.fd(), (i + 1) * 0x1000)),
+        ) {
+            refused = Some((i, e.server_errno()));
+            break;
+        }
+    }
+    assert_eq!(
+        refused,
+        Some((1024, Some(Errno::ENOSPC))),
+        "a growing memfd"
+    );
+    c.dma_unmap(0, 0, vfu_protocol::wire::DMA_UNMAP_FLAG_ALL)
+        .expect("UNMAP_ALL");
+    // Character-device fds are not regular files: each map is its own mapping.
+    let zero = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/zero")
+        .expect("/dev/zero");
+    let mut refused = None;
+    for i in 0..1100u64 {
+        if let Err(e) = c.dma_map(i * 0x2000, 0x1000, DMA_RW, Some((zero.as_fd(), 0))) {
+            refused = Some((i, e.server_errno()));
+            break;
+        }
+    }
+    assert_eq!(refused, Some((1024, Some(Errno::ENOSPC))), "device fds");
+    drop(c);
+    wait_fd_count(&d, idle_fds);
+    d.assert_serving();
 }

@@ -148,9 +148,12 @@ pub trait Device: Send + Sync + 'static {
         Ok(())
     }
 
-    /// A DMA map was removed and every in-flight access to it has drained.
-    fn dma_unmapped(&self, region: &DmaRegion) {
+    /// A DMA map was removed and every in-flight access to it has drained. A host device
+    /// removes it from its IOMMU here; an error means the device may still reach the memory,
+    /// and the DMA_UNMAP fails with the error's errno instead of promising otherwise.
+    fn dma_unmapped(&self, region: &DmaRegion) -> Result<(), DeviceError> {
         let _ = region;
+        Ok(())
     }
 
     /// How many vectors of each IRQ index (in index order) have an eventfd from the client, for

@@ -98,8 +98,8 @@ pub enum MmapError {
         #[source]
         source: Errno,
     },
-    /// The connection already maps as many distinct backing files as allowed.
-    #[error("the client already maps {max} distinct files for DMA")]
+    /// The connection already holds as many file mappings as allowed.
+    #[error("the client already has {max} file mappings for DMA (distinct files, grown files and device files each count)")]
     TooManyFiles {
         /// The limit.
         max: usize,
@@ -273,6 +273,11 @@ impl Drop for MappedFile {
 #[derive(Debug)]
 pub struct MappingCache {
     files: HashMap<(u64, u64), Weak<MappedFile>>,
+    /// Every mapping still alive: the current one of each file, the older whole-file mappings
+    /// of a file that grew (their regions keep them), and those of non-regular files. All of
+    /// them count against `max_files`, so neither a growing memfd nor a stream of device fds
+    /// can pile up mappings (and, with `keep_files`, fds) past the limit.
+    live: Vec<Weak<MappedFile>>,
     max_files: usize,
     keep_files: bool,
 }
@@ -282,9 +287,25 @@ impl MappingCache {
     pub fn new(max_files: usize) -> MappingCache {
         MappingCache {
             files: HashMap::new(),
+            live: Vec::new(),
             max_files,
             keep_files: false,
         }
+    }
+
+    /// Refuses a new mapping when `max_files` are alive already.
+    fn check_room(&mut self) -> Result<(), MmapError> {
+        self.live.retain(|w| w.strong_count() > 0);
+        if self.live.len() >= self.max_files {
+            return Err(MmapError::TooManyFiles {
+                max: self.max_files,
+            });
+        }
+        Ok(())
+    }
+
+    fn track(&mut self, file: &Arc<MappedFile>) {
+        self.live.push(Arc::downgrade(file));
     }
 
     /// From now on, each newly mapped file keeps a duplicate of its fd so that
@@ -337,8 +358,16 @@ impl MappedRegion {
         let stat = Self::check(fd, offset, len, prot)?;
         let regular = SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT == SFlag::S_IFREG;
         if !regular {
-            let file = MappedFile::map(fd, offset, len, granule(&stat), cache.keep_files)?;
-            return Self::view(Arc::new(file), offset, len, prot);
+            cache.check_room()?;
+            let file = Arc::new(MappedFile::map(
+                fd,
+                offset,
+                len,
+                granule(&stat),
+                cache.keep_files,
+            )?);
+            cache.track(&file);
+            return Self::view(file, offset, len, prot);
         }
         let key = (stat.st_dev, stat.st_ino);
         cache.files.retain(|_, w| w.strong_count() > 0);
@@ -356,6 +385,7 @@ impl MappedRegion {
         }
         // New file, or one that grew past (or is more writable than) its current mapping:
         // map it whole. Regions of the old mapping keep it alive until they go.
+        cache.check_room()?;
         let file_size = u64::try_from(stat.st_size).unwrap_or(0);
         let file = Arc::new(MappedFile::map(
             fd,
@@ -365,6 +395,7 @@ impl MappedRegion {
             cache.keep_files,
         )?);
         cache.files.insert(key, Arc::downgrade(&file));
+        cache.track(&file);
         Self::view(file, offset, len, prot)
     }
 

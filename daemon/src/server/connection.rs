@@ -549,7 +549,7 @@ impl Dispatcher {
                 if let Some(old) = replaced {
                     self.invalidate_atc(std::slice::from_ref(&old), false).await;
                     old.drained().await;
-                    self.device.dma_unmapped(&old);
+                    self.device.dma_unmapped(&old).map_err(|e| e.errno())?;
                 }
                 let added = memory.with_table(|t| t.get(iova)).ok_or(Errno::EIO)?;
                 if let Err(e) = self.device.dma_mapped(&added) {
@@ -579,9 +579,15 @@ impl Dispatcher {
                 // ATC drops its translations of them and completes once DMA using them ended.
                 let all = unmap.flags & wire::DMA_UNMAP_FLAG_ALL != 0;
                 self.invalidate_atc(&removed, all).await;
+                let mut failed = None;
                 for r in removed {
                     r.drained().await;
-                    self.device.dma_unmapped(&r);
+                    if let Err(e) = self.device.dma_unmapped(&r) {
+                        failed.get_or_insert(e.errno());
+                    }
+                }
+                if let Some(errno) = failed {
+                    return Err(errno);
                 }
                 Ok(Answer::bytes(unmap.as_bytes().to_vec()))
             }
@@ -816,7 +822,8 @@ impl Dispatcher {
                 {
                     tracing::error!(device = %self.name, iova = format_args!("{:#x}", r.iova), "in-flight DMA did not drain within 5 s");
                 }
-                self.device.dma_unmapped(&r);
+                // A failure is logged by the device, which unmaps everything on detach.
+                let _ = self.device.dma_unmapped(&r);
             }
             self.detach_device().await;
             tracing::debug!(device = %self.name, maps = count, "DMA maps released");
@@ -957,8 +964,9 @@ mod tests {
             self.log(format!("map {:#x}", region.iova));
             Ok(())
         }
-        fn dma_unmapped(&self, region: &DmaRegion) {
+        fn dma_unmapped(&self, region: &DmaRegion) -> Result<(), DeviceError> {
             self.log(format!("unmap {:#x}", region.iova));
+            Ok(())
         }
     }
 

@@ -25,6 +25,7 @@ pub struct FakeState {
     pub hw_info: Result<HostHwInfo, Errno>,
     pub fail_map_file: Option<Errno>,
     pub fail_map_user: Option<Errno>,
+    pub fail_unmap: Option<Errno>,
     pub msix_mappable: bool,
     pub sparse_areas: Option<Vec<(u64, u64)>>,
     /// Device-fd bytes per region base.
@@ -80,6 +81,7 @@ impl Default for FakeState {
             }),
             fail_map_file: None,
             fail_map_user: None,
+            fail_unmap: None,
             msix_mappable: false,
             sparse_areas: None,
             memory,
@@ -254,6 +256,9 @@ impl HostKernel for FakeKernel {
     }
 
     fn unmap(&self, _ioas_id: u32, iova: u64, length: u64) -> Result<u64, Errno> {
+        if let Some(errno) = self.with(|s| s.fail_unmap) {
+            return Err(errno);
+        }
         self.with(|s| s.unmaps.push((iova, length)));
         Ok(length)
     }

@@ -323,7 +323,7 @@ impl HostPciDevice {
                 }
             } else {
                 match kernel.region_info(index) {
-                    Ok(region) => serve_region(index, &region, msix),
+                    Ok(region) => serve_region(index, &region, msix, host.bar_mmap != Some(false)),
                     // Optional regions (VGA, a missing ROM) may not exist: size 0.
                     Err(Errno::EINVAL) => ServedRegion {
                         description: RegionDescription {
@@ -521,8 +521,13 @@ fn msix_location(config: &[u8]) -> Option<MsixLocation> {
 }
 
 /// The client's description of a kernel region: same flags and size, the device fd's offset,
-/// and the areas the client may mmap.
-fn serve_region(index: u32, region: &KernelRegion, msix: Option<MsixLocation>) -> ServedRegion {
+/// and, when `mmap` allows handing out the device fd, the areas the client may mmap.
+fn serve_region(
+    index: u32,
+    region: &KernelRegion,
+    msix: Option<MsixLocation>,
+    mmap: bool,
+) -> ServedRegion {
     let mut flags = 0;
     if region.flags & VFIO_REGION_INFO_FLAG_READ != 0 {
         flags |= wire::REGION_FLAG_READ;
@@ -531,7 +536,7 @@ fn serve_region(index: u32, region: &KernelRegion, msix: Option<MsixLocation>) -
         flags |= wire::REGION_FLAG_WRITE;
     }
     let mut caps = Vec::new();
-    if region.flags & VFIO_REGION_INFO_FLAG_MMAP != 0 && region.size > 0 {
+    if mmap && region.flags & VFIO_REGION_INFO_FLAG_MMAP != 0 && region.size > 0 {
         let areas = mmap_areas(index, region, msix);
         if !areas.is_empty() {
             flags |= wire::REGION_FLAG_MMAP;
@@ -846,19 +851,33 @@ impl Device for HostPciDevice {
         }
     }
 
-    fn dma_unmapped(&self, region: &DmaRegion) {
+    fn dma_unmapped(&self, region: &DmaRegion) -> Result<(), DeviceError> {
         if lock(&self.mirrored).remove(&region.iova) != Some(region.size) {
-            return;
+            return Ok(());
         }
+        let iova = format_args!("{:#x}", region.iova);
         match self.kernel.unmap(self.ioas_id, region.iova, region.size) {
             Ok(n) if n == region.size => {
-                tracing::info!(device = %self.name, iova = format_args!("{:#x}", region.iova), size = format_args!("{:#x}", region.size), "IOMMU_IOAS_UNMAP: DMA map removed from the IOAS");
+                tracing::info!(device = %self.name, %iova, size = format_args!("{:#x}", region.size), "IOMMU_IOAS_UNMAP: DMA map removed from the IOAS");
+                Ok(())
             }
+            // The IOAS may still map (part of) the range: the client must not be told it is
+            // gone. The whole IOAS is unmapped when the client disconnects.
             Ok(n) => {
-                tracing::warn!(device = %self.name, iova = format_args!("{:#x}", region.iova), size = region.size, unmapped = n, "IOMMU_IOAS_UNMAP removed a different length than mapped")
+                tracing::error!(device = %self.name, %iova, size = region.size, unmapped = n, "IOMMU_IOAS_UNMAP removed a different length than mapped");
+                Err(DeviceError::HostKernel {
+                    device: self.name.clone(),
+                    op: "IOMMU_IOAS_UNMAP (short unmap)",
+                    source: Errno::EIO,
+                })
             }
             Err(errno) => {
-                tracing::warn!(device = %self.name, iova = format_args!("{:#x}", region.iova), size = region.size, %errno, "IOMMU_IOAS_UNMAP failed")
+                tracing::error!(device = %self.name, %iova, size = region.size, %errno, "IOMMU_IOAS_UNMAP failed");
+                Err(DeviceError::HostKernel {
+                    device: self.name.clone(),
+                    op: "IOMMU_IOAS_UNMAP",
+                    source: errno,
+                })
             }
         }
     }

@@ -215,15 +215,20 @@ fn dma_maps_go_to_the_ioas_with_the_clients_iova_and_permissions() {
             ("file", 0x20_0000, 0x1000, fixed | r)
         ]
     );
-    d.dma_unmapped(&rw);
+    d.dma_unmapped(&rw).expect("IOAS unmap");
     assert_eq!(
         kernel.state.lock().unwrap().unmaps,
         vec![(0x10_0000, 0x4000)]
     );
     // A region that was never mirrored is not unmapped.
     let (other, _f3) = dma_region(0x30_0000, 0x1000, RW);
-    d.dma_unmapped(&other);
+    d.dma_unmapped(&other).expect("nothing to unmap");
     assert_eq!(kernel.state.lock().unwrap().unmaps.len(), 1);
+    // A failed IOAS unmap is an error: the client must not be told the range is gone.
+    kernel.state.lock().unwrap().fail_unmap = Some(Errno::EINVAL);
+    let e = d.dma_unmapped(&ro).expect_err("IOAS unmap fails");
+    assert_eq!(e.errno(), Errno::EINVAL);
+    assert!(e.to_string().contains("IOMMU_IOAS_UNMAP"), "{e}");
 }
 
 #[test]
@@ -280,7 +285,7 @@ fn pinning_failure_is_an_error_that_names_the_memlock_limit_and_the_device_lives
         "{text}"
     );
     // Nothing was recorded as mirrored, so the rollback's unmap does not reach the kernel.
-    d.dma_unmapped(&a);
+    d.dma_unmapped(&a).expect("IOAS unmap");
     assert!(kernel.state.lock().unwrap().unmaps.is_empty());
     // The device keeps serving: the next map (with the limit raised) works.
     kernel.state.lock().unwrap().fail_map_file = None;
@@ -296,7 +301,7 @@ fn message_backed_maps_are_accepted_but_not_mirrored() {
     let d = d.expect("device");
     let r = DmaRegion::new(0x1000, 0x1000, RW, DmaBacking::Message);
     d.dma_mapped(&r).expect("accepted");
-    d.dma_unmapped(&r);
+    d.dma_unmapped(&r).expect("IOAS unmap");
     let s = kernel.state.lock().unwrap();
     assert!(s.maps.is_empty() && s.unmaps.is_empty());
 }
@@ -338,6 +343,29 @@ fn bars_are_mmapped_around_the_msix_table_unless_the_kernel_allows_it() {
         bar4_areas(&d.expect("device")),
         vec![(0, 0x1000), (0x2000, 0x1000)]
     );
+}
+
+#[test]
+fn bar_mmap_off_traps_every_bar_and_never_hands_out_the_device_fd() {
+    let (d, _) = open(
+        r#"{"type": "host", "pci": "0000:01:00.0", "bar_mmap": false}"#,
+        FakeState::default(),
+    );
+    let d = d.expect("device");
+    for index in 0..6 {
+        if let Some(r) = d.region(index) {
+            assert_eq!(
+                r.description.flags & wire::REGION_FLAG_MMAP,
+                0,
+                "BAR {index}"
+            );
+            assert!(r.description.caps.is_empty(), "BAR {index}");
+            assert!(r.fd.is_none(), "BAR {index} must not carry the device fd");
+        }
+    }
+    // Trapped accesses still reach the device.
+    let mut buf = [0u8; 4];
+    d.region_read(4, 0, &mut buf).expect("trapped BAR read");
 }
 
 #[test]
