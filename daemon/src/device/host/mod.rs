@@ -76,7 +76,7 @@ pub enum HostDeviceError {
         source: Errno,
     },
     /// IOMMU_IOAS_ALLOC failed.
-    #[error("device {device}: allocating an IOMMU address space (IOMMU_IOAS_ALLOC) failed")]
+    #[error("device {device}: allocating an IOMMU address space (IOMMU_IOAS_ALLOC) failed; check that the iommufd in use is /dev/iommu of a kernel with CONFIG_IOMMUFD and that the system is not out of memory")]
     AllocIoas {
         device: String,
         #[source]
@@ -90,7 +90,7 @@ pub enum HostDeviceError {
         source: Errno,
     },
     /// IOMMU_GET_HW_INFO failed for a reason other than an old kernel.
-    #[error("device {device}: querying the host IOMMU (IOMMU_GET_HW_INFO) failed")]
+    #[error("device {device}: querying the host IOMMU (IOMMU_GET_HW_INFO) failed; the device's IOMMU driver refused a query every iommufd kernel answers, so check the kernel log for IOMMU errors")]
     HwInfo {
         device: String,
         #[source]
@@ -105,7 +105,7 @@ pub enum HostDeviceError {
         source: Option<Errno>,
     },
     /// VFIO_DEVICE_GET_REGION_INFO failed for a region the device must have.
-    #[error("device {device}: reading the description of region {index} failed")]
+    #[error("device {device}: reading the description of region {index} failed; the device may have been removed or reset by another user, so check `lspci` and the kernel log, then restart the device")]
     RegionInfo {
         device: String,
         index: u32,
@@ -113,7 +113,7 @@ pub enum HostDeviceError {
         source: Errno,
     },
     /// Reading the config space failed.
-    #[error("device {device}: reading its config space failed")]
+    #[error("device {device}: reading its config space failed; the device may be in a low-power state or gone, so check `lspci -vv` and the kernel log, then restart the device")]
     ReadConfig {
         device: String,
         #[source]
@@ -639,11 +639,20 @@ impl Device for HostPciDevice {
     fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
         let at = self.checked_offset(index, offset, buf.len())?;
         if index == VFIO_PCI_CONFIG_REGION_INDEX {
-            let mut device = vec![0u8; buf.len()];
+            // The device's bytes for the range; on the stack for the small accesses config
+            // cycles are, so they cost no allocation.
+            let mut small = [0u8; 64];
+            let mut large = Vec::new();
+            let device = if buf.len() <= small.len() {
+                &mut small[..buf.len()]
+            } else {
+                large.resize(buf.len(), 0);
+                &mut large[..]
+            };
             self.kernel
-                .read_at(at, &mut device)
+                .read_at(at, device)
                 .map_err(|e| self.kernel_error("config read", e))?;
-            return lock(&self.config).read(offset, &device, buf).map_err(|_| {
+            return lock(&self.config).read(offset, device, buf).map_err(|_| {
                 DeviceError::CheckRange {
                     index,
                     offset,
