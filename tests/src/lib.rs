@@ -489,3 +489,90 @@ pub mod ats_dma {
         }
     }
 }
+
+/// Running QEMU guests for the VM tiers (`tests/tests/qemu.rs`, `tests/tests/host_vm.rs`):
+/// the scripts under `tests/vm/`, run as root, and a bounded wait for QEMU to exit.
+pub mod vm {
+    use std::ffi::OsStr;
+    use std::os::unix::process::CommandExt;
+    use std::path::{Path, PathBuf};
+    use std::process::{Command, ExitStatus, Stdio};
+    use std::time::{Duration, Instant};
+
+    /// `tests/vm/`.
+    pub fn scripts() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("vm")
+    }
+
+    /// `script` run as root: directly when we are root, else through `sudo -n` (which fails
+    /// instead of prompting).
+    pub fn privileged(script: &Path) -> Command {
+        if nix::unistd::geteuid().is_root() {
+            Command::new(script)
+        } else {
+            let mut c = Command::new("sudo");
+            c.arg("-n").arg(script);
+            c
+        }
+    }
+
+    /// A finished QEMU: its exit status (`None` when it was killed at the deadline), the
+    /// guest's serial console and QEMU's own stderr.
+    #[derive(Debug)]
+    pub struct QemuRun {
+        pub status: Option<ExitStatus>,
+        pub serial: String,
+        pub stderr: String,
+    }
+
+    /// Runs `qemu-system-x86_64 args` inside the chroot `root` with `bind` bind-mounted, the
+    /// console to `serial_path` and stderr to `stderr_path`, and waits until QEMU exits or
+    /// `deadline` passes; then the whole process group (helper, shell, QEMU) is killed.
+    pub fn run_qemu<I, S>(
+        root: &Path,
+        bind: &Path,
+        args: I,
+        serial_path: &Path,
+        stderr_path: &Path,
+        deadline: Duration,
+    ) -> QemuRun
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut child = privileged(&scripts().join("chroot-run.sh"))
+            .arg(root)
+            .arg("--bind")
+            .arg(bind)
+            .arg("--")
+            .arg("qemu-system-x86_64")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(serial_path).expect("serial log"))
+            .stderr(std::fs::File::create(stderr_path).expect("QEMU log"))
+            .process_group(0)
+            .spawn()
+            .expect("starting QEMU");
+        let deadline = Instant::now() + deadline;
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("waiting for QEMU") {
+                break Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(child.id() as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let read = |p: &Path| String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into();
+        QemuRun {
+            status,
+            serial: read(serial_path),
+            stderr: read(stderr_path),
+        }
+    }
+}

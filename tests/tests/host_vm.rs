@@ -12,11 +12,12 @@
 //! `vfud-host-guest`). One guest boot serves all tests; a boot failure or a guest timeout fails
 //! every test with the guest's console attached.
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+
+use std::time::Duration;
+use vfud_tests::vm::scripts;
 
 /// From QEMU's start to the guest's power-off: the boot takes seconds, the checks under TCG
 /// with a debug vfud a few minutes on a loaded machine.
@@ -64,20 +65,6 @@ fn env_path(name: &str) -> PathBuf {
     PathBuf::from(std::env::var_os(name).unwrap_or_else(|| {
         panic!("{name} is not set; run tests/scripts/run-all (tier 4), which builds the guest kernel and the static binaries")
     }))
-}
-
-fn scripts() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("vm")
-}
-
-fn privileged(script: &Path) -> Command {
-    if nix::unistd::geteuid().is_root() {
-        Command::new(script)
-    } else {
-        let mut c = Command::new("sudo");
-        c.arg("-n").arg(script);
-        c
-    }
 }
 
 /// The finished guest: its console.
@@ -172,41 +159,18 @@ fn boot() -> Guest {
         .expect("running tests/vm/host-initramfs.sh");
     assert!(status.success(), "tests/vm/host-initramfs.sh failed");
 
-    let serial_path = dir.join("serial.log");
-    let stderr_path = dir.join("qemu.log");
-    let mut child = privileged(&scripts().join("chroot-run.sh"))
-        .arg(&root)
-        .arg("--bind")
-        .arg(&dir)
-        .arg("--")
-        .arg("qemu-system-x86_64")
-        .args(qemu_args(&dir))
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&serial_path).expect("serial log"))
-        .stderr(std::fs::File::create(&stderr_path).expect("QEMU log"))
-        .process_group(0)
-        .spawn()
-        .expect("starting QEMU");
-    let deadline = Instant::now() + GUEST_DEADLINE;
-    let timed_out = loop {
-        if child.try_wait().expect("waiting for QEMU").is_some() {
-            break false;
-        }
-        if Instant::now() > deadline {
-            let _ = nix::sys::signal::killpg(
-                nix::unistd::Pid::from_raw(child.id() as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            let _ = child.wait();
-            break true;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let read = |p: &Path| String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into();
+    let run = vfud_tests::vm::run_qemu(
+        &root,
+        &dir,
+        qemu_args(&dir),
+        &dir.join("serial.log"),
+        &dir.join("qemu.log"),
+        GUEST_DEADLINE,
+    );
     let guest = Guest {
-        serial: read(&serial_path),
-        qemu_stderr: read(&stderr_path),
-        timed_out,
+        serial: run.serial,
+        qemu_stderr: run.stderr,
+        timed_out: run.status.is_none(),
     };
     eprintln!("--- guest console ---\n{}", guest.serial);
     let _ = std::fs::remove_dir_all(&dir);

@@ -15,12 +15,12 @@
 //! printed.
 
 use std::collections::BTreeSet;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use vfud_tests::vm::{privileged, scripts};
 use vfud_tests::Daemon;
 
 /// How long one guest may take from QEMU's start to its exit (a boot takes seconds).
@@ -50,22 +50,6 @@ struct Vm {
     /// The kernel, as a path inside the chroot.
     kernel: PathBuf,
     initrd: PathBuf,
-}
-
-fn scripts() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("vm")
-}
-
-/// `script` run as root: directly when we are root, else through `sudo -n` (which fails
-/// instead of prompting).
-fn privileged(script: &Path) -> Command {
-    if nix::unistd::geteuid().is_root() {
-        Command::new(script)
-    } else {
-        let mut c = Command::new("sudo");
-        c.arg("-n").arg(script);
-        c
-    }
 }
 
 fn vm() -> &'static Vm {
@@ -205,41 +189,20 @@ fn boot(daemon: &Daemon, ram: Ram, tag: &str) -> Boot {
     std::fs::copy(&vm.initrd, &initrd).expect("copying the initramfs");
     let serial_path = daemon.dir.join(format!("{tag}.serial.log"));
     let stderr_path = daemon.dir.join(format!("{tag}.qemu.log"));
-    let mut child = privileged(&scripts().join("chroot-run.sh"))
-        .arg(&vm.root)
-        .arg("--bind")
-        .arg(&daemon.dir)
-        .arg("--")
-        .arg("qemu-system-x86_64")
-        .args(qemu_args(&daemon.socket, ram, vm, &initrd))
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&serial_path).expect("serial log"))
-        .stderr(std::fs::File::create(&stderr_path).expect("QEMU log"))
-        .process_group(0)
-        .spawn()
-        .expect("starting QEMU");
-    let deadline = Instant::now() + BOOT_DEADLINE;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("waiting for QEMU") {
-            break Some(status);
-        }
-        if Instant::now() > deadline {
-            // The whole group: the namespace helper, its shell and QEMU.
-            let _ = nix::sys::signal::killpg(
-                nix::unistd::Pid::from_raw(child.id() as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let read = |p: &Path| String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into();
+    let run = vfud_tests::vm::run_qemu(
+        &vm.root,
+        &daemon.dir,
+        qemu_args(&daemon.socket, ram, vm, &initrd),
+        &serial_path,
+        &stderr_path,
+        BOOT_DEADLINE,
+    );
+    let status = run.status;
     let b = Boot {
         tag: tag.to_string(),
         status: status.unwrap_or_default(),
-        serial: read(&serial_path),
-        stderr: read(&stderr_path),
+        serial: run.serial,
+        stderr: run.stderr,
     };
     if status.is_none() {
         b.fail(&format!(

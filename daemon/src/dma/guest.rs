@@ -5,6 +5,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use nix::errno::Errno;
 use tokio::sync::{mpsc, oneshot};
 
+use super::mmap::MappedRegion;
 use super::table::{DmaBacking, DmaError, DmaMapTable, DmaRegion, DmaSegment};
 use crate::viommu::ats::TranslatedSpace;
 
@@ -154,15 +155,7 @@ impl GuestMemory {
                 .ok_or(DmaError::Unmapped { iova, len })?;
             rest = tail;
             match &seg.region.backing {
-                DmaBacking::Mapped(mapped) => {
-                    mapped
-                        .read_at(seg.offset, chunk)
-                        .map_err(|source| DmaError::MappedAccess {
-                            iova: seg.iova,
-                            len: seg.len,
-                            source,
-                        })?;
-                }
+                DmaBacking::Mapped(mapped) => mapped_read(mapped, seg, chunk)?,
                 DmaBacking::Message => {
                     message_read(port.as_ref(), &seg.region, seg.iova, chunk).await?
                 }
@@ -188,13 +181,7 @@ impl GuestMemory {
             let DmaBacking::Mapped(mapped) = &seg.region.backing else {
                 return Err(DmaError::RequireFdBacked { iova, len });
             };
-            mapped
-                .read_at(seg.offset, chunk)
-                .map_err(|source| DmaError::MappedAccess {
-                    iova: seg.iova,
-                    len: seg.len,
-                    source,
-                })?;
+            mapped_read(mapped, seg, chunk)?;
         }
         Ok(())
     }
@@ -218,13 +205,7 @@ impl GuestMemory {
                 .ok_or(DmaError::Unmapped { iova, len })?;
             rest = tail;
             if let DmaBacking::Mapped(mapped) = &seg.region.backing {
-                mapped
-                    .write_at(seg.offset, chunk)
-                    .map_err(|source| DmaError::MappedAccess {
-                        iova: seg.iova,
-                        len: seg.len,
-                        source,
-                    })?;
+                mapped_write(mapped, seg, chunk)?;
             }
         }
         Ok(())
@@ -254,15 +235,7 @@ impl GuestMemory {
                 .ok_or(DmaError::Unmapped { iova, len })?;
             rest = tail;
             match &seg.region.backing {
-                DmaBacking::Mapped(mapped) => {
-                    mapped.write_at(seg.offset, chunk).map_err(|source| {
-                        DmaError::MappedAccess {
-                            iova: seg.iova,
-                            len: seg.len,
-                            source,
-                        }
-                    })?;
-                }
+                DmaBacking::Mapped(mapped) => mapped_write(mapped, seg, chunk)?,
                 DmaBacking::Message => {
                     message_write(port.as_ref(), &seg.region, seg.iova, chunk).await?
                 }
@@ -270,6 +243,28 @@ impl GuestMemory {
         }
         Ok(())
     }
+}
+
+/// Reads the fd-backed part `chunk` of segment `seg` from its mapping.
+fn mapped_read(mapped: &MappedRegion, seg: &DmaSegment, chunk: &mut [u8]) -> Result<(), DmaError> {
+    mapped
+        .read_at(seg.offset, chunk)
+        .map_err(|source| DmaError::MappedAccess {
+            iova: seg.iova,
+            len: seg.len,
+            source,
+        })
+}
+
+/// Writes `chunk` to the fd-backed segment `seg` through its mapping.
+fn mapped_write(mapped: &MappedRegion, seg: &DmaSegment, chunk: &[u8]) -> Result<(), DmaError> {
+    mapped
+        .write_at(seg.offset, chunk)
+        .map_err(|source| DmaError::MappedAccess {
+            iova: seg.iova,
+            len: seg.len,
+            source,
+        })
 }
 
 /// Validate the port and return it with its chunk size in bytes.
